@@ -1,0 +1,253 @@
+"""The AWPCN network: ResNet trunk, horizontal part stripes, per-part embeddings and
+classifiers, and the adaptive-weight head.
+
+Shapes: N images, P parts, C trunk channels, D embedding size, K identities.
+
+Adaptive-weight head (our formulation; the paper's text beyond its abstract is not
+available): a small MLP shared by all parts scores each part embedding, plus a learned
+per-part bias, giving ``scores (N, P)``.
+
+* ``head='visibility'`` (default): ``v = sigmoid(scores / T)`` is trained (in
+  ``losses.py``) to predict each stripe's visible fraction, which the augmentation knows;
+  ``w = v / sum_j v_j``. The fused logits use ``w.detach()`` so the weights learn only
+  "is this stripe reliable", not "which stripe is discriminative on average".
+* ``head='softmax'``: ``w = softmax(scores / T)`` trained only through the fused CE
+  (the ablation that, in our first probe, collapsed to a per-part prior).
+* ``weighting='uniform'``: ``w = 1/P`` exactly, no head; this is PCB.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.error
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from utils import UserError
+
+# name -> (torchvision builder name, weights enum name, trunk output channels)
+BACKBONES = {
+    "resnet18": ("resnet18", "ResNet18_Weights", 512),
+    "resnet34": ("resnet34", "ResNet34_Weights", 512),
+    "resnet50": ("resnet50", "ResNet50_Weights", 2048),
+    "resnet101": ("resnet101", "ResNet101_Weights", 2048),
+}
+WEIGHTINGS = ("adaptive", "uniform")
+HEADS = ("visibility", "softmax")
+
+# Everything needed to rebuild the network; train.py stores these in opts.yaml.
+MODEL_KEYS = ("backbone", "parts", "embed_dim", "weighting", "head", "temperature",
+              "dropout", "last_stride", "num_classes")
+
+
+def _imagenet_state_dict(name: str) -> dict:
+    """ImageNet weights through torchvision's weights API, with an offline-friendly error."""
+    builder, enum_name, _ = BACKBONES[name]
+    weights = getattr(torchvision.models, enum_name).IMAGENET1K_V1
+    url = weights.url
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    try:
+        return weights.get_state_dict(progress=True, check_hash=False)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        raise UserError(
+            f"could not get ImageNet weights for {name} ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no network?'}). "
+            f"Download {url} on a machine with network and put it at {cache} "
+            "(set TORCH_HOME to move that folder), or pass --weights PATH to a local copy, "
+            "or --pretrained none to train from scratch."
+        ) from None
+
+
+def _load_local_weights(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--weights {path}: file not found")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable or unsafe file is the user's to fix
+        raise UserError(f"--weights {path}: not a readable weights file ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0][:160]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path}: expected a state dict of a torchvision ResNet")
+    return state
+
+
+def build_trunk(name: str = "resnet50", pretrained: str = "imagenet", weights: str | None = None,
+                last_stride: int = 1) -> tuple[nn.Sequential, int]:
+    """A torchvision ResNet without its pooling and fc: image (N,3,H,W) -> (N,C,H/16|H/32,...).
+
+    ``last_stride=1`` keeps layer4 at 1/16 resolution (384x128 -> 24x8), as PCB does.
+    Returns the trunk and its output channel count C.
+    """
+    if name not in BACKBONES:
+        raise UserError(f"--backbone {name}: unknown; choose one of {', '.join(BACKBONES)}")
+    if pretrained not in ("imagenet", "none"):
+        raise UserError(f"--pretrained {pretrained}: expected imagenet or none")
+    builder, _, channels = BACKBONES[name]
+    net = getattr(torchvision.models, builder)(weights=None)
+    state = None
+    if weights:
+        state = _load_local_weights(weights)
+    elif pretrained == "imagenet":
+        state = _imagenet_state_dict(name)
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise UserError(
+                f"weights for {name} do not fit: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); is it a torchvision {name}?")
+    if last_stride == 1:
+        block = net.layer4[0]
+        # Bottleneck strides in conv2, BasicBlock in conv1; the shortcut must match.
+        conv = block.conv2 if hasattr(block, "conv3") else block.conv1
+        conv.stride = (1, 1)
+        block.downsample[0].stride = (1, 1)
+    elif last_stride != 2:
+        raise UserError(f"--last_stride {last_stride}: expected 1 or 2")
+    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                          net.layer1, net.layer2, net.layer3, net.layer4)
+    return trunk, channels
+
+
+class AWPCN(nn.Module):
+    """Part-based ResNet with per-image adaptive part weights.
+
+    ``forward(x)``, x: (N, 3, H, W) float32
+      training -> dict with
+        ``logits`` (N, P, K) per-part class scores,
+        ``fused``  (N, K)    sum_i w_i * logits_i,
+        ``weights`` (N, P)   part weights, rows sum to 1,
+        ``scores`` (N, P)    head scores before sigmoid/softmax (None when uniform),
+        ``emb``    (N, P, D) part embeddings.
+      eval -> (emb (N, P, D), weights (N, P)).
+    """
+
+    def __init__(self, num_classes: int, *, backbone: str = "resnet50", parts: int = 6,
+                 embed_dim: int = 256, weighting: str = "adaptive", head: str = "visibility",
+                 temperature: float = 1.0, dropout: float = 0.5, last_stride: int = 1,
+                 pretrained: str = "imagenet", weights: str | None = None):
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise UserError(f"--weighting {weighting}: expected one of {', '.join(WEIGHTINGS)}")
+        if head not in HEADS:
+            raise UserError(f"--head {head}: expected one of {', '.join(HEADS)}")
+        if parts < 1 or num_classes < 1 or embed_dim < 1 or temperature <= 0:
+            raise UserError(f"invalid model size: parts={parts}, num_classes={num_classes}, "
+                            f"embed_dim={embed_dim}, temperature={temperature} (all must be > 0)")
+        self.parts, self.embed_dim, self.num_classes = parts, embed_dim, num_classes
+        self.weighting, self.head, self.temperature = weighting, head, temperature
+        self.trunk, channels = build_trunk(backbone, pretrained, weights, last_stride)
+
+        # Independent per-part 1x1 conv + BN + ReLU, held as one (P, C, D) tensor so the
+        # loop over parts is a single batched matmul. BN over P*D features is per part.
+        self.reduce = nn.Parameter(torch.empty(parts, channels, embed_dim))
+        nn.init.kaiming_normal_(self.reduce, mode="fan_out", nonlinearity="relu")
+        self.reduce_bn = nn.BatchNorm1d(parts * embed_dim)
+        self.drop = nn.Dropout(dropout)
+        self.cls_weight = nn.Parameter(torch.randn(parts, embed_dim, num_classes) * 0.001)
+        self.cls_bias = nn.Parameter(torch.zeros(parts, num_classes))
+        if weighting == "adaptive":
+            self.scorer = nn.Sequential(nn.Linear(embed_dim, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
+            self.part_bias = nn.Parameter(torch.zeros(parts))
+            # Start "all visible" (sigmoid(3) = 0.95) so early fused training sees uniform weights.
+            nn.init.zeros_(self.scorer[2].weight)
+            nn.init.constant_(self.scorer[2].bias, 3.0 if head == "visibility" else 0.0)
+
+    def backbone_parameters(self):
+        return self.trunk.parameters()
+
+    def head_parameters(self):
+        trunk = {id(p) for p in self.trunk.parameters()}
+        return [p for p in self.parameters() if id(p) not in trunk]
+
+    def part_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N,3,H,W) -> emb (N,P,D): stripe average pooling, per-part reduction."""
+        fmap = self.trunk(x)                                     # (N, C, h, w)
+        pooled = F.adaptive_avg_pool2d(fmap, (self.parts, 1))    # (N, C, P, 1)
+        pooled = pooled.flatten(2).transpose(1, 2).float()       # (N, P, C)
+        emb = torch.bmm(pooled.transpose(0, 1), self.reduce.float()).transpose(0, 1)  # (N, P, D)
+        emb = self.reduce_bn(emb.reshape(emb.shape[0], -1)).view_as(emb)
+        return F.relu(emb)
+
+    def part_weights(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """emb (N,P,D) -> (weights (N,P) rows summing to 1, scores (N,P) or None)."""
+        n = emb.shape[0]
+        if self.weighting == "uniform":
+            return emb.new_full((n, self.parts), 1.0 / self.parts), None
+        scores = self.scorer(emb).squeeze(-1) + self.part_bias   # (N, P)
+        if self.head == "softmax":
+            return torch.softmax(scores / self.temperature, dim=1), scores
+        v = torch.sigmoid(scores / self.temperature)
+        return v / v.sum(1, keepdim=True).clamp_min(1e-6), scores
+
+    def forward(self, x: torch.Tensor):
+        emb = self.part_embeddings(x)
+        weights, scores = self.part_weights(emb)
+        if not self.training:
+            return emb, weights
+        logits = torch.einsum("npd,pdk->npk", self.drop(emb), self.cls_weight) + self.cls_bias
+        # Visibility-trained weights must not be pushed by the fused CE towards "the most
+        # discriminative stripe on average" (the collapse our probe showed).
+        w = weights.detach() if self.head == "visibility" else weights
+        fused = (w.unsqueeze(-1) * logits).sum(1)
+        return {"logits": logits, "fused": fused, "weights": weights, "scores": scores, "emb": emb}
+
+
+def build_model(opts: dict, *, pretrained: str | None = None, weights: str | None = None) -> AWPCN:
+    """Rebuild a model from the options stored in a run's opts.yaml."""
+    kwargs = {k: opts[k] for k in MODEL_KEYS if k in opts}
+    missing = [k for k in ("backbone", "parts", "num_classes") if k not in kwargs]
+    if missing:
+        raise UserError(f"options lack {', '.join(missing)}: is this an AWPCN opts.yaml?")
+    return AWPCN(pretrained=pretrained or opts.get("pretrained", "none"),
+                 weights=weights if weights is not None else opts.get("weights"), **kwargs)
+
+
+def model_summary(model: AWPCN, height: int, width: int, batch: int = 2) -> str:
+    """Parameter counts and output shapes for a dummy batch, as text."""
+    def count(params):
+        return sum(p.numel() for p in params)
+
+    lines = [f"trunk parameters: {count(model.backbone_parameters()):,}",
+             f"head parameters:  {count(model.head_parameters()):,}",
+             f"total:            {count(model.parameters()):,}"]
+    x = torch.zeros(batch, 3, height, width)
+    was_training = model.training
+    with torch.no_grad():
+        model.train()
+        out = model(x)
+        lines.append(f"train  input {tuple(x.shape)} -> " + ", ".join(
+            f"{k} {tuple(v.shape)}" for k, v in out.items() if v is not None))
+        model.eval()
+        emb, w = model(x)
+        lines.append(f"eval   input {tuple(x.shape)} -> emb {tuple(emb.shape)}, weights {tuple(w.shape)}")
+    model.train(was_training)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Print AWPCN parameter counts and output shapes.")
+    ap.add_argument("--backbone", default="resnet50", choices=list(BACKBONES))
+    ap.add_argument("--parts", type=int, default=6)
+    ap.add_argument("--weighting", default="adaptive", choices=WEIGHTINGS)
+    ap.add_argument("--num_classes", type=int, default=751)
+    ap.add_argument("--height", type=int, default=384)
+    ap.add_argument("--width", type=int, default=128)
+    args = ap.parse_args(argv)
+    model = AWPCN(args.num_classes, backbone=args.backbone, parts=args.parts,
+                  weighting=args.weighting, pretrained="none")
+    print(model_summary(model, args.height, args.width))
+    return 0
+
+
+if __name__ == "__main__":
+    from utils import cli
+    sys.exit(cli(main)())
