@@ -150,6 +150,44 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return state
 
 
+# --------------------------------------------------------------------------- features
+FEATURES_FILE = "features.pt"
+FEATURES_FORMAT = 1
+
+
+def save_features(run_dir: str | os.PathLike, features: dict) -> Path:
+    """Write test.py's extracted features (the file demo.py reads) atomically."""
+    import torch
+
+    path = Path(run_dir) / FEATURES_FILE
+    features = {"format": FEATURES_FORMAT, **features}
+    atomic_write(path, lambda f: torch.save(features, f))
+    return path
+
+
+def load_features(run_dir: str | os.PathLike) -> dict:
+    """Load ``RUN/features.pt`` as plain data; a missing run or file lists what exists."""
+    import torch
+
+    run_dir = Path(run_dir)
+    path = run_dir / FEATURES_FILE
+    if not path.is_file():
+        root = run_dir.parent
+        runs = sorted(p.name for p in root.iterdir() if (p / FEATURES_FILE).is_file()) if root.is_dir() else []
+        have = f"runs with features: {', '.join(runs)}" if runs else f"no run in {root} has features yet"
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir}: no such run ({have})")
+        raise UserError(f"{path}: no features yet; run python test.py --name {run_dir.name} first ({have})")
+    try:
+        feats = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable or unsafe: either way the fix is to rewrite it
+        raise UserError(f"{path}: unreadable ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); "
+                        "run test.py again to rewrite it") from None
+    if not isinstance(feats, dict) or feats.get("format") != FEATURES_FORMAT:
+        raise UserError(f"{path}: not an AWPCN features file; run test.py again to rewrite it")
+    return feats
+
+
 # --------------------------------------------------------------------------- misc
 def seed_everything(seed: int) -> None:
     import numpy as np
