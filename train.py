@@ -1,0 +1,409 @@
+"""Train AWPCN on a Market-layout dataset.
+
+    python train.py --data_dir DIR --name RUN [--preset paper|cpu] [...]
+
+Writes model/RUN/: opts.yaml (all test.py needs), train.log, train.jpg (curves),
+last.pt (every epoch, atomic), epoch_NNN.pt (every --save_every epochs).
+Under torchrun it trains with DistributedDataParallel; only rank 0 writes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import datasets
+from losses import awpcn_loss
+from model import BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, AWPCN
+from utils import (UserError, cli, get_logger, close_logger, load_checkpoint, save_checkpoint,
+                   save_figure, save_yaml, load_yaml, select_device)
+
+# Paper-like defaults live in the parser; a preset only changes what it names, and any flag
+# given on the command line wins over the preset.
+PRESETS = {
+    "paper": {},
+    # The built-in synthetic set on a laptop CPU: minutes, not hours.
+    "cpu": dict(backbone="resnet18", pretrained="none", height=128, width=64, epochs=12,
+                batchsize=32, instances=4, lr=0.05, warmup=1, step=9, save_every=0),
+}
+# Options a --resume may change; everything else comes from the run's opts.yaml.
+RUNTIME_KEYS = ("workers", "device", "epochs", "resume", "overwrite", "runs_dir", "save_every")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="Train AWPCN (adaptive weight part-based ResNet) for person re-ID.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("run")
+    g.add_argument("--data_dir", default="data/synthetic",
+                   help="Market-layout dataset folder (or its parent, e.g. holding Market-1501-v15.09.15)")
+    g.add_argument("--name", default="awpcn", help="run name: outputs go to RUNS_DIR/NAME")
+    g.add_argument("--runs_dir", default="model", help="folder holding run folders")
+    g.add_argument("--preset", default="paper", choices=list(PRESETS),
+                   help="paper: 384x128 ResNet-50, 60 epochs; cpu: ResNet-18 128x64, 12 epochs from scratch")
+    g.add_argument("--resume", action="store_true", help="continue model/NAME from its last.pt exactly")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing model/NAME and start again")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
+    g.add_argument("--save_every", type=int, default=10, help="also keep epoch_NNN.pt every N epochs (0: never)")
+
+    g = ap.add_argument_group("model")
+    g.add_argument("--backbone", default="resnet50", choices=list(BACKBONES))
+    g.add_argument("--pretrained", default="imagenet", choices=["imagenet", "none"],
+                   help="ImageNet weights via torchvision (cached in TORCH_HOME) or from scratch")
+    g.add_argument("--weights", default=None, help="local torchvision ResNet state dict instead of downloading")
+    g.add_argument("--parts", type=int, default=6, help="horizontal stripes P")
+    g.add_argument("--embed_dim", type=int, default=256, help="per-part embedding size")
+    g.add_argument("--weighting", default="adaptive", choices=WEIGHTINGS, help="uniform = PCB")
+    g.add_argument("--head", default="visibility", choices=HEADS,
+                   help="visibility: weights supervised by stripe visibility; softmax: fused CE only")
+    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the part-weight head")
+    g.add_argument("--dropout", type=float, default=0.5, help="dropout before the part classifiers")
+    g.add_argument("--last_stride", type=int, default=1, choices=[1, 2])
+
+    g = ap.add_argument_group("data")
+    g.add_argument("--height", type=int, default=384)
+    g.add_argument("--width", type=int, default=128)
+    g.add_argument("--batchsize", type=int, default=64, help="images per step over all processes (P x K)")
+    g.add_argument("--instances", type=int, default=4, help="images per identity in a batch (K)")
+    g.add_argument("--erasing", type=float, default=0.5, help="RandomErasing probability")
+    g.add_argument("--occlude_prob", type=float, default=0.3,
+                   help="probability of a synthetic top/bottom occluder (teaches the weight head)")
+    g.add_argument("--color_jitter", action="store_true")
+
+    g = ap.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=60)
+    g.add_argument("--lr", type=float, default=0.1, help="head learning rate")
+    g.add_argument("--backbone_lr_mult", type=float, default=None,
+                   help="backbone lr = mult x lr (default 0.1 with ImageNet weights, 1.0 from scratch)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=5e-4)
+    g.add_argument("--warmup", type=int, default=5, help="epochs of linear warmup from 0.1 x lr")
+    g.add_argument("--schedule", default="step", choices=["step", "cosine"])
+    g.add_argument("--step", type=int, default=40, help="step schedule: lr x gamma at this epoch")
+    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--label_smoothing", type=float, default=0.0)
+    g.add_argument("--fused_weight", type=float, default=1.0, help="weight of the fused-logits CE")
+    g.add_argument("--vis_weight", type=float, default=1.0, help="weight of the visibility BCE (head=visibility)")
+    g.add_argument("--triplet", action="store_true", help="add batch-hard triplet loss on part embeddings")
+    g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
+    g.add_argument("--amp", action="store_true", help="torch.amp: fp16+GradScaler on CUDA, bf16 on CPU")
+    g.add_argument("--channels_last", action="store_true")
+    return ap
+
+
+def parse_opts(argv=None) -> dict:
+    ap = build_parser()
+    known, _ = ap.parse_known_args(argv)
+    ap.set_defaults(**PRESETS[known.preset])
+    opts = vars(ap.parse_args(argv))
+    if opts["backbone_lr_mult"] is None:
+        opts["backbone_lr_mult"] = 0.1 if (opts["pretrained"] == "imagenet" or opts["weights"]) else 1.0
+    return opts
+
+
+def lr_factor(epoch: int, opts: dict) -> float:
+    """Multiplier of the base lr during ``epoch`` (0-based): warmup, then step or cosine."""
+    warm = opts["warmup"]
+    if epoch < warm:
+        return 0.1 + 0.9 * epoch / warm
+    if opts["schedule"] == "cosine":
+        span = max(1, opts["epochs"] - warm)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / span))
+    return opts["gamma"] if epoch >= opts["step"] else 1.0
+
+
+def check_opts(opts: dict) -> None:
+    for key in ("epochs", "batchsize", "instances", "height", "width", "parts"):
+        if opts[key] < 1:
+            raise UserError(f"--{key} {opts[key]}: must be at least 1")
+    if opts["batchsize"] % opts["instances"]:
+        raise UserError(f"--batchsize {opts['batchsize']} is not a multiple of --instances "
+                        f"{opts['instances']}: a batch is P identities x K images")
+    if opts["height"] < 32 or opts["width"] < 16:
+        raise UserError(f"--height/--width {opts['height']}x{opts['width']}: too small for a ResNet (min 32x16)")
+    if os.sep in opts["name"] or opts["name"] in ("", ".", ".."):
+        raise UserError(f"--name {opts['name']!r}: a plain folder name is expected")
+
+
+# --------------------------------------------------------------------------- run folder
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Create an empty run folder, refusing to replace an existing run by accident."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            have = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
+            raise UserError(f"{run_dir} already exists (has {have}); pass --resume to continue it "
+                            "or --overwrite to delete it and start again")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def resume_opts(run_dir: Path, cli_opts: dict) -> dict:
+    """The run's stored options, with only the runtime ones taken from the command line."""
+    stored = load_yaml(run_dir / "opts.yaml") if (run_dir / "opts.yaml").exists() else None
+    if stored is None:
+        raise UserError(f"--resume: {run_dir} has no opts.yaml; nothing to resume "
+                        f"(start it without --resume)")
+    opts = dict(stored)
+    for key in RUNTIME_KEYS:
+        opts[key] = cli_opts[key]
+    return opts
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("loss", "part_ce", "fused_ce", "vis_bce", "triplet"):
+        if key in history[-1]:
+            ax1.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=key)
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    ax2.plot(epochs, [100 * h["acc"] for h in history], marker="o", ms=3, color="tab:green")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("train accuracy of fused logits (%)"), ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- distributed
+def init_distributed(device_name: str):
+    """(rank, world_size, device). Under torchrun: nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, select_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- training
+def train(opts: dict, *, stop_after_epoch: int | None = None) -> dict:
+    """Train per ``opts`` (as from :func:`parse_opts`). Returns ``{'run_dir', 'history'}``.
+
+    ``stop_after_epoch`` ends the run early after that many epochs, as an interruption would
+    (used by the tests of exact resumption).
+    """
+    check_opts(opts)
+    rank, world, device = init_distributed(opts["device"])
+    main_proc = rank == 0
+    run_dir = Path(opts["runs_dir"]) / opts["name"]
+    state = None
+    if opts["resume"]:
+        opts = resume_opts(run_dir, opts)
+        state = load_checkpoint(run_dir / "last.pt")
+    elif main_proc:
+        prepare_run_dir(run_dir, opts["overwrite"])
+    if world > 1:
+        dist.barrier()
+
+    log = get_logger(run_dir / "train.log" if main_proc else None, name=f"awpcn.train.{rank}")
+    if not main_proc:
+        log.disabled = True
+    try:
+        return _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch)
+    finally:
+        close_logger(log)
+
+
+def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
+    main_proc = rank == 0
+    data = datasets.load_dataset(opts["data_dir"], log=log.info)
+    opts["num_classes"] = data.num_train_pids
+    if state is not None:
+        if state.get("train_pids") != data.train_pids:
+            raise UserError(f"--resume: {opts['data_dir']} has {data.num_train_pids} training ids that differ "
+                            f"from the {len(state.get('train_pids') or [])} the run was started with; "
+                            "resume on the same dataset")
+    elif main_proc:
+        opts["data_root"] = str(data.root)
+        save_yaml(run_dir / "opts.yaml", opts)
+
+    seed = opts["seed"]
+    torch.manual_seed(seed)
+    model = AWPCN(opts["num_classes"], pretrained=opts["pretrained"] if state is None else "none",
+                  weights=opts["weights"] if state is None else None,
+                  **{k: opts[k] for k in MODEL_KEYS if k != "num_classes"}).to(device)
+    if opts["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    head_lr, trunk_lr = opts["lr"], opts["lr"] * opts["backbone_lr_mult"]
+    optimizer = torch.optim.SGD(
+        [{"params": list(model.backbone_parameters()), "base_lr": trunk_lr},
+         {"params": model.head_parameters(), "base_lr": head_lr}],
+        lr=head_lr, momentum=opts["momentum"], weight_decay=opts["weight_decay"], nesterov=True)
+    use_cuda_amp = opts["amp"] and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
+    history, start_epoch = [], 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history, start_epoch = list(state["history"]), int(state["epoch"])
+        log.info(f"resuming {run_dir} at epoch {start_epoch + 1}/{opts['epochs']}")
+    net = model
+    if world > 1:
+        needs_unused = opts["weighting"] == "adaptive" and (opts["head"] == "visibility" and opts["vis_weight"] <= 0)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=needs_unused)
+
+    transform = datasets.build_transforms(opts["height"], opts["width"], train=True,
+                                          erasing_prob=opts["erasing"], occlude_prob=opts["occlude_prob"],
+                                          color_jitter=opts["color_jitter"])
+    train_set = datasets.ImageDataset(data.train, transform)
+    labels = [label for _, label, _ in data.train]
+    per_rank = opts["batchsize"] // world
+    if per_rank % opts["instances"]:
+        raise UserError(f"--batchsize {opts['batchsize']} over {world} processes gives {per_rank} per process, "
+                        f"not a multiple of --instances {opts['instances']}")
+    sampler = datasets.PKSampler(labels, per_rank // opts["instances"], opts["instances"],
+                                 seed=seed, rank=rank, world_size=world)
+    amp_ctx = (torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+               if opts["amp"] else nullcontext())
+    loss_kw = dict(label_smoothing=opts["label_smoothing"], fused_weight=opts["fused_weight"],
+                   vis_weight=opts["vis_weight"] if opts["head"] == "visibility" else 0.0,
+                   triplet_margin=opts["margin"] if opts["triplet"] else None,
+                   temperature=opts["temperature"])
+    if main_proc:
+        log.info(f"training {opts['backbone']} P={opts['parts']} {opts['weighting']}"
+                 f"{'/' + opts['head'] if opts['weighting'] == 'adaptive' else ''} on {device} x{world}: "
+                 f"{len(sampler)} steps/epoch of {opts['batchsize']} images, epochs {start_epoch + 1}..{opts['epochs']}")
+
+    last_epoch = opts["epochs"] if stop_after_epoch is None else min(opts["epochs"], stop_after_epoch)
+    progress = {"epoch": start_epoch, "iteration": 0}
+    try:
+        _epochs(opts, model, net, optimizer, scaler, sampler, train_set, data, history, progress,
+                start_epoch, last_epoch, device, world, rank, run_dir, log, amp_ctx, loss_kw, use_cuda_amp)
+    except KeyboardInterrupt:
+        if main_proc:
+            # Mid-epoch weights for inspection (test.py --which interrupted); exact resumption
+            # restarts the interrupted epoch from last.pt.
+            save_checkpoint({"epoch": progress["epoch"], "iteration": progress["iteration"],
+                             "model": model.state_dict(), "opts": opts, "train_pids": data.train_pids,
+                             "history": history}, run_dir / "interrupted.pt")
+        raise
+    if main_proc and last_epoch == opts["epochs"]:
+        log.info(f"done: {run_dir}  (evaluate with: python test.py --name {opts['name']}"
+                 f"{'' if opts['runs_dir'] == 'model' else ' --runs_dir ' + opts['runs_dir']})")
+    return {"run_dir": run_dir, "history": history}
+
+
+def _epochs(opts, model, net, optimizer, scaler, sampler, train_set, data, history, progress,
+            start_epoch, last_epoch, device, world, rank, run_dir, log, amp_ctx, loss_kw, use_cuda_amp):
+    main_proc, seed, head_lr = rank == 0, opts["seed"], opts["lr"]
+    for epoch in range(start_epoch, last_epoch):
+        progress["epoch"] = epoch
+        # Every random draw of an epoch derives from (seed, epoch, rank): resuming at an
+        # epoch boundary replays exactly what an uninterrupted run would have done.
+        torch.manual_seed(seed * 1_000_003 + epoch * 101 + rank)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=opts["workers"],
+                            pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                            generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        factor = lr_factor(epoch, opts)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        net.train()
+        sums, count, correct, wait, t0 = {}, 0, 0, 0.0, time.perf_counter()
+        # A live bar on a terminal; in logs and CI the per-epoch line below says it all.
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{opts['epochs']}",
+                   disable=not (main_proc and sys.stderr.isatty()),
+                   dynamic_ncols=True, leave=False, mininterval=1.0)
+        t_ready = time.perf_counter()
+        for it, (img, vis, label, _cam) in enumerate(bar):
+            wait += time.perf_counter() - t_ready
+            progress["iteration"] = it
+            img, vis, label = img.to(device, non_blocking=True), vis.to(device), label.to(device)
+            if opts["channels_last"]:
+                img = img.contiguous(memory_format=torch.channels_last)
+            with amp_ctx:
+                out = net(img)
+            loss, terms = awpcn_loss(out, label, vis, **loss_kw)
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; stopped. The last "
+                    f"good checkpoint {run_dir / 'last.pt'} (epoch {epoch}) is kept. Lower --lr "
+                    "or turn off --amp, then train again (--resume continues from that checkpoint)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = label.shape[0]
+            count += n
+            correct += int((out["fused"].argmax(1) == label).sum())
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() * n
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{correct / count:.3f}",
+                            lr=f"{head_lr * factor:.2g}", ips=f"{count * world / elapsed:.1f}",
+                            wait=f"{100 * wait / elapsed:.0f}%")
+            t_ready = time.perf_counter()
+        bar.close()
+        stats = torch.tensor([count, correct, *[sums[k] for k in sorted(sums)]], dtype=torch.float64)
+        if world > 1:
+            stats = stats.to(device)
+            dist.all_reduce(stats)
+            stats = stats.cpu()
+        elapsed = time.perf_counter() - t0
+        total = stats[0].item()
+        record = {"epoch": epoch + 1, "lr": head_lr * factor, "acc": stats[1].item() / total,
+                  **{k: stats[2 + i].item() / total for i, k in enumerate(sorted(sums))},
+                  "images_per_s": total / elapsed, "data_wait": wait / elapsed, "seconds": elapsed}
+        history.append(record)
+        if main_proc:
+            ckpt = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if use_cuda_amp else None, "history": history,
+                    "opts": opts, "train_pids": data.train_pids}
+            save_checkpoint(ckpt, run_dir / "last.pt")
+            if opts["save_every"] and (epoch + 1) % opts["save_every"] == 0:
+                save_checkpoint(ckpt, run_dir / f"epoch_{epoch + 1:03d}.pt")
+            plot_history(history, run_dir / "train.jpg")
+            log.info(" | ".join([f"epoch {epoch + 1}/{opts['epochs']}",
+                                 *(f"{k} {record[k]:.4f}" for k in ("loss", "part_ce", "fused_ce", "vis_bce", "triplet")
+                                   if k in record),
+                                 f"acc {100 * record['acc']:.1f}%", f"lr {record['lr']:.3g}",
+                                 f"{record['images_per_s']:.1f} img/s",
+                                 f"data wait {100 * record['data_wait']:.0f}%"]))
+
+
+def main(argv=None) -> int:
+    opts = parse_opts(argv)
+    try:
+        train(opts)
+    except KeyboardInterrupt:
+        run_dir = Path(opts["runs_dir"]) / opts["name"]
+        print(f"\ninterrupted: weights saved to {run_dir / 'interrupted.pt'}; {run_dir / 'last.pt'} holds the "
+              "last completed epoch: continue exactly with the same command plus --resume", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main)())
