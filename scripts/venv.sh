@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv and install what the
+# code and the tests need. Used by quickstart.sh and .ci/run; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+  echo "error: $PYTHON is missing or older than Python 3.9; set PYTHON=/path/to/python3.9+" >&2
+  exit 2
+fi
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; then
+  rm -rf .venv
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
