@@ -1,0 +1,312 @@
+"""Turn data into the on-disk contract that AWPCN reads (Market-1501 layout), and check it.
+
+    python prepare.py --synthetic OUT [--ids 300] [--seed 0] [--occlusion 0.3] [--overwrite]
+    python prepare.py --check DIR
+    python prepare.py --msmt17 SRC OUT [--link] [--overwrite]
+
+The synthetic set: pedestrians drawn with numpy, each identity a combination of six
+horizontal body bands whose colours and textures come from a small shared palette (no
+single band identifies a person), seen by six cameras with their own background,
+illumination and colour cast, with scale/shift jitter, mirroring, noise and JPEG; a fraction
+of images has an occluder over the top or bottom band(s), recorded in OUT/occlusion.json.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+from collections import defaultdict
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import datasets
+from utils import UserError, atomic_write_text, cli
+
+HEIGHT, WIDTH, CAMERAS, BANDS = 128, 64, 6, 6
+PALETTE = np.array([[200, 40, 40], [40, 150, 60], [40, 70, 190], [225, 200, 50], [240, 240, 235],
+                    [30, 30, 35], [120, 120, 125], [150, 90, 45], [160, 60, 170], [60, 190, 200]], np.float32)
+TEXTURES = ("solid", "hstripes", "vstripes", "checks")
+# Relative heights of the six body bands (head, shoulders, torso, waist, thighs, shins).
+BAND_HEIGHTS = np.array([0.14, 0.16, 0.2, 0.14, 0.18, 0.18])
+BAND_HALF_WIDTH = np.array([0.14, 0.32, 0.3, 0.27, 0.22, 0.2])
+
+
+# --------------------------------------------------------------------------- synthetic
+def _identity(rng: np.random.Generator) -> dict:
+    return {"colour": rng.integers(0, len(PALETTE), BANDS), "texture": rng.integers(0, len(TEXTURES), BANDS),
+            "second": rng.integers(0, len(PALETTE), BANDS), "period": rng.integers(3, 7, BANDS)}
+
+
+def _cameras(rng: np.random.Generator) -> list[dict]:
+    return [{"bg": rng.uniform(40, 200, 3).astype(np.float32), "bg2": rng.uniform(40, 200, 3).astype(np.float32),
+             "gain": rng.uniform(0.65, 1.25), "cast": rng.uniform(0.85, 1.15, 3).astype(np.float32)}
+            for _ in range(CAMERAS)]
+
+
+def draw_person(ident: dict | None, cam: dict, rng: np.random.Generator, occlude: bool):
+    """One (H, W, 3) uint8 image and the occluded row range [y0, y1) or None."""
+    h, w = HEIGHT, WIDTH
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = yy / h
+    img = cam["bg"] * (1 - t[..., None]) + cam["bg2"] * t[..., None]          # background gradient
+    img = img + rng.normal(0, 10, (h, w, 1)).astype(np.float32)
+    if ident is None:                                                         # junk: background only
+        ident = _identity(rng) if rng.random() < 0.5 else None
+    if ident is not None:
+        scale = rng.uniform(0.82, 1.0)
+        top = rng.uniform(0.0, 1.0 - scale) * h + rng.uniform(-4, 4)
+        cx = w / 2 + rng.uniform(-5, 5)
+        bounds = np.concatenate([[0], np.cumsum(BAND_HEIGHTS)]) * scale * h + top
+        bounds[1:-1] += rng.uniform(-2.5, 2.5, BANDS - 1)                    # pose: band edges move
+        mirror = rng.random() < 0.5
+        for b in range(BANDS):
+            rows = (yy >= bounds[b]) & (yy < bounds[b + 1])
+            half = BAND_HALF_WIDTH[b] * w * rng.uniform(0.9, 1.1)
+            mask = rows & (np.abs(xx - cx) < half)
+            c1, c2 = PALETTE[ident["colour"][b]], PALETTE[ident["second"][b]]
+            period = ident["period"][b]
+            kind = TEXTURES[ident["texture"][b]]
+            lx = (w - 1 - xx) if mirror else xx
+            if kind == "hstripes":
+                pat = ((yy - bounds[b]) // period) % 2
+            elif kind == "vstripes":
+                pat = (lx // period) % 2
+            elif kind == "checks":
+                pat = (((yy - bounds[b]) // period) + (lx // period)) % 2
+            else:
+                pat = np.zeros_like(yy)
+            colour = np.where(pat[..., None] > 0, c2, c1)
+            img = np.where(mask[..., None], colour, img)
+    img = img * cam["gain"] * cam["cast"]
+    img = img + rng.normal(0, 8, img.shape).astype(np.float32)
+    rows = None
+    if occlude:
+        size = int(h * rng.uniform(0.25, 0.5))
+        y0, y1 = (0, size) if rng.random() < 0.5 else (h - size, h)
+        occ = rng.uniform(20, 235, 3).astype(np.float32) + rng.normal(0, 15, (y1 - y0, w, 1)).astype(np.float32)
+        img[y0:y1] = occ
+        rows = (y0, y1)
+    return np.clip(img, 0, 255).astype(np.uint8), rows
+
+
+def _jpeg(arr: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def plan_synthetic(ids: int = 300, seed: int = 0) -> list[tuple[str, int, int]]:
+    """(split folder, pid, camera 0-based) for every image, in file order; pid 0 and -1 extra."""
+    rng = np.random.default_rng([seed, 1])
+    n_train = ids // 2
+    plan = []
+    for pid in range(1, ids + 1):
+        cams = sorted(rng.choice(CAMERAS, size=int(rng.integers(4, 7)), replace=False).tolist())
+        for cam in cams:
+            if pid <= n_train:
+                plan += [("bounding_box_train", pid, cam)] * int(rng.integers(1, 4))
+            else:
+                plan.append(("query", pid, cam))
+                plan += [("bounding_box_test", pid, cam)] * 2
+    plan += [("bounding_box_test", 0, int(c)) for c in rng.integers(0, CAMERAS, max(10, ids // 6))]
+    plan += [("bounding_box_test", -1, int(c)) for c in rng.integers(0, CAMERAS, max(5, ids // 15))]
+    return plan
+
+
+def make_synthetic(out: str | os.PathLike, *, ids: int = 300, seed: int = 0, occlusion: float = 0.3,
+                   overwrite: bool = False) -> dict:
+    """Write the synthetic set to ``out`` (through a temp folder, renamed at the end)."""
+    out = Path(out)
+    if ids < 4:
+        raise UserError(f"--ids {ids}: need at least 4 identities (half train, half test)")
+    if not 0 <= occlusion <= 1:
+        raise UserError(f"--occlusion {occlusion}: a probability in [0, 1] is expected")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    plan = plan_synthetic(ids, seed)
+    rng = np.random.default_rng([seed, 2])
+    idents = {pid: _identity(rng) for pid in range(1, ids + 1)}
+    cams = _cameras(rng)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in datasets.SPLITS.values():
+        (tmp / sub).mkdir(parents=True)
+    truth = {}
+    try:
+        for n, (sub, pid, cam) in enumerate(plan):
+            r = np.random.default_rng([seed, 3, n])
+            ident = idents.get(pid) if pid > 0 else (_identity(r) if pid == 0 else None)
+            arr, rows = draw_person(ident, cams[cam], r, occlude=pid > 0 and r.random() < occlusion)
+            name = f"{pid:04d}_c{cam + 1}s1_{n:06d}_00.jpg" if pid >= 0 else f"-1_c{cam + 1}s1_{n:06d}_00.jpg"
+            (tmp / sub / name).write_bytes(_jpeg(arr, int(r.integers(75, 96))))
+            truth[f"{sub}/{name}"] = list(rows) if rows else None
+        (tmp / "occlusion.json").write_text(json.dumps({"height": HEIGHT, "width": WIDTH, "images": truth},
+                                                       indent=0, sort_keys=True))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts = defaultdict(int)
+    for sub, _, _ in plan:
+        counts[sub] += 1
+    return {"images": len(plan), **counts, "occluded": sum(v is not None for v in truth.values())}
+
+
+# --------------------------------------------------------------------------- check
+def _decode(path: str) -> tuple[str, str | None]:
+    try:
+        datasets.load_image(path)
+        return path, None
+    except UserError as exc:
+        return path, str(exc).split(": ", 1)[-1]
+
+
+def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=print) -> list[str]:
+    """Decode every image and report; returns the list of errors (empty = usable)."""
+    from tqdm import tqdm
+
+    root, note = datasets.resolve_root(path)
+    if note:
+        log(note)
+    errors, warnings, splits = [], [], {}
+    for key, sub in datasets.SPLITS.items():
+        items, bad = datasets.scan_split(root / sub)
+        splits[key] = items
+        errors += [f"{p}: {why}" for p, why in bad]
+    paths = [p for items in splits.values() for p, _, _ in items]
+    with Pool(workers or min(2, os.cpu_count() or 1)) as pool:
+        for p, why in tqdm(pool.imap(_decode, paths, chunksize=64), total=len(paths), desc="decoding",
+                           disable=not sys.stderr.isatty(), leave=False):
+            if why:
+                errors.append(f"{p}: {why}")
+    log(f"{root}")
+    log("  subset   | # ids | # images | # cameras")
+    for key, items in splits.items():
+        usable = [x for x in items if x[1] >= 0] if key != "gallery" else [x for x in items if x[1] != -1]
+        log(f"  {key:<8} | {len({p for _, p, _ in usable}):5d} | {len(usable):8d} | "
+            f"{len({c for _, _, c in usable}):9d}")
+        if not usable:
+            errors.append(f"{root / datasets.SPLITS[key]}: no usable images")
+    cams_of = defaultdict(set)
+    for _, pid, cam in splits["train"]:
+        if pid >= 0:
+            cams_of[pid].add(cam)
+    single = sorted(p for p, c in cams_of.items() if len(c) == 1)
+    if single:
+        warnings.append(f"{len(single)} training ids seen by a single camera: {single[:20]}"
+                        + (" ..." if len(single) > 20 else ""))
+    gallery = defaultdict(set)
+    for _, pid, cam in splits["gallery"]:
+        gallery[pid].add(cam)
+    no_match = sorted({pid for _, pid, cam in splits["query"] if pid >= 0 and not (gallery[pid] - {cam})})
+    if no_match:
+        warnings.append(f"{len(no_match)} query ids have no gallery image from another camera "
+                        f"(those queries are skipped in evaluation): {no_match[:20]}" + (" ..." if len(no_match) > 20 else ""))
+    if splits["query"] and len(no_match) == len({p for _, p, _ in splits["query"] if p >= 0}):
+        errors.append("no query has a valid gallery match: evaluation would be empty")
+    for w in warnings:
+        log(f"warning: {w}")
+    for e in errors:
+        log(f"error: {e}")
+    log("OK" if not errors else f"{len(errors)} problem(s) would break training or evaluation")
+    return errors
+
+
+# --------------------------------------------------------------------------- MSMT17
+MSMT_LISTS = {"list_train.txt": "bounding_box_train", "list_val.txt": "bounding_box_train",
+              "list_query.txt": "query", "list_gallery.txt": "bounding_box_test"}
+
+
+def convert_msmt17(src: str | os.PathLike, out: str | os.PathLike, *, link: bool = False,
+                   overwrite: bool = False, log=print) -> dict:
+    """MSMT17 V1/V2 (list files) -> Market layout; copies or hard-links, never touches ``src``.
+
+    Labels are offset by +1: in the Market protocol pid 0 means "distractor".
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise UserError(f"{src}: no such folder (expected the MSMT17_V1 or MSMT17_V2 folder)")
+    img_dirs = {"train": next((src / d for d in ("train", "mask_train_v2") if (src / d).is_dir()), None),
+                "test": next((src / d for d in ("test", "mask_test_v2") if (src / d).is_dir()), None)}
+    missing = [n for n in MSMT_LISTS if not (src / n).is_file()]
+    if missing or None in img_dirs.values():
+        raise UserError(f"{src}: not an MSMT17 folder: missing {', '.join(missing) or 'train/ or test/ images'}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = defaultdict(int)
+    try:
+        for list_name, sub in MSMT_LISTS.items():
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+            base = img_dirs["train" if sub == "bounding_box_train" else "test"]
+            for n, line in enumerate((src / list_name).read_text().split("\n")):
+                if not line.strip():
+                    continue
+                try:
+                    rel, label = line.split()
+                    cam = int(Path(rel).name.split("_")[2])
+                    pid = int(label) + 1
+                except (ValueError, IndexError):
+                    raise UserError(f"{src / list_name}:{n + 1}: cannot parse {line!r} "
+                                    "(expected 'PID/PID_IDX_CAM_....jpg LABEL')") from None
+                source = base / rel
+                if not source.is_file():
+                    raise UserError(f"{src / list_name}:{n + 1}: {source} not found")
+                tag = "v" if list_name == "list_val.txt" else "s"
+                dest = tmp / sub / f"{pid:04d}_c{cam}{tag}1_{n:06d}_00{source.suffix.lower()}"
+                if link:
+                    os.link(source, dest)
+                else:
+                    shutil.copyfile(source, dest)
+                counts[sub] += 1
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return dict(counts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Prepare and check re-ID datasets in the Market-1501 layout.")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--synthetic", metavar="OUT", help="generate the built-in synthetic dataset into OUT")
+    mode.add_argument("--check", metavar="DIR", help="decode every image of a dataset and report problems")
+    mode.add_argument("--msmt17", nargs=2, metavar=("SRC", "OUT"), help="convert MSMT17 (V1 or V2) into OUT")
+    ap.add_argument("--ids", type=int, default=300, help="synthetic: identities, half train and half test")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic: seed (same seed, same bytes)")
+    ap.add_argument("--occlusion", type=float, default=0.3, help="synthetic: fraction of occluded images")
+    ap.add_argument("--link", action="store_true", help="msmt17: hard-link instead of copying")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = ap.parse_args(argv)
+    if args.synthetic:
+        stats = make_synthetic(args.synthetic, ids=args.ids, seed=args.seed, occlusion=args.occlusion,
+                               overwrite=args.overwrite)
+        print(f"{args.synthetic}: {stats['images']} images (train {stats['bounding_box_train']}, query "
+              f"{stats['query']}, gallery {stats['bounding_box_test']}; {stats['occluded']} occluded)")
+        return 0
+    if args.check:
+        return 1 if check_dataset(args.check) else 0
+    convert_msmt17(*args.msmt17, link=args.link, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main)())

@@ -1,0 +1,40 @@
+"""Shared fixtures: the repo on sys.path, a small synthetic dataset, the real Market subset."""
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MARKET_SUB = REPO.parent / "shared" / "data" / "market1501-sub"
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """24 identities (12 train / 12 test), generated once per test session."""
+    import prepare
+
+    out = tmp_path_factory.mktemp("synthetic") / "syn"
+    prepare.make_synthetic(out, ids=24, seed=0, occlusion=0.3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def market_sub():
+    if not (MARKET_SUB / "bounding_box_train").is_dir():
+        pytest.skip(f"{MARKET_SUB} not present")
+    return MARKET_SUB
+
+
+def make_tree(root: Path, layout: dict, size=(8, 16)) -> Path:
+    """Write tiny valid jpgs: layout = {"bounding_box_train": ["0001_c1s1_000001_00.jpg", ...], ...}."""
+    from PIL import Image
+
+    for sub in ("bounding_box_train", "query", "bounding_box_test"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for sub, names in layout.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            Image.new("RGB", size, (i * 20 % 255, 80, 160)).save(root / sub / name)
+    return root
