@@ -101,6 +101,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     return out
 
 
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Draw a query's ranked list with part weights.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -115,4 +116,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main)())
+    sys.exit(main())

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from utils import UserError
+from utils import UserError, cli
 
 # name -> (torchvision builder name, weights enum name, trunk output channels)
 BACKBONES = {
@@ -233,6 +233,7 @@ def model_summary(model: AWPCN, height: int, width: int, batch: int = 2) -> str:
     return "\n".join(lines)
 
 
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Print AWPCN parameter counts and output shapes.")
     ap.add_argument("--backbone", default="resnet50", choices=list(BACKBONES))
@@ -249,5 +250,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from utils import cli
-    sys.exit(cli(main)())
+    sys.exit(main())

@@ -284,6 +284,7 @@ def convert_msmt17(src: str | os.PathLike, out: str | os.PathLike, *, link: bool
     return dict(counts)
 
 
+@cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Prepare and check re-ID datasets in the Market-1501 layout.")
     mode = ap.add_mutually_exclusive_group(required=True)
@@ -309,4 +310,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main)())
+    sys.exit(main())

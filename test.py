@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import datasets
 import evaluate
+from inference import fuse_for_inference
 from model import AWPCN, MODEL_KEYS, build_model
 from utils import (UserError, atomic_write_text, cli, load_checkpoint, load_yaml, save_features,
                    save_figure, select_device)
@@ -80,7 +81,7 @@ def load_model(run_dir: Path, which: str = "last") -> tuple[AWPCN, dict, dict]:
 
 @torch.inference_mode()
 def extract(model: AWPCN, items, height: int, width: int, *, device, batchsize: int = 128, workers: int = 2,
-            flip: bool = True, amp: bool = False, channels_last: bool = False, desc: str = "extract"):
+            flip: bool = True, amp: bool = False, channels_last: bool = True, desc: str = "extract"):
     """Part embeddings and weights for ``items`` [(path, pid, cam)].
 
     Flip TTA: the image and its mirror go through the network in one batch; their part
@@ -95,7 +96,8 @@ def extract(model: AWPCN, items, height: int, width: int, *, device, batchsize: 
     amp_ctx = (torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
                if amp else nullcontext())
     embs, weights = [], []
-    for img, _vis, _pid, _cam in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0):
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not sys.stderr.isatty())
+    for img, _vis, _pid, _cam in bar:
         img = img.to(device, non_blocking=True)
         n = img.shape[0]
         if flip:
@@ -136,10 +138,12 @@ def run_test(args: argparse.Namespace) -> dict:
     run_dir = find_run(args.runs_dir, args.name)
     model, opts, ckpt = load_model(run_dir, args.which)
     device = select_device(args.device)
+    # Folded conv+BN and channels_last: 1.7x the plain PCB extraction (bench/extract_speed.py).
+    model = fuse_for_inference(model.to(device))
     data = datasets.load_dataset(args.data_dir or opts.get("data_root") or opts["data_dir"])
     weighting = args.weighting or opts.get("weighting", "adaptive")
     kw = dict(device=device, batchsize=args.batchsize, workers=args.workers, flip=not args.no_flip,
-              amp=args.amp, channels_last=opts.get("channels_last", False))
+              amp=args.amp, channels_last=True)
     t0 = time.perf_counter()
     qf, qw = extract(model, data.query, opts["height"], opts["width"], desc="query", **kw)
     gf, gw = extract(model, data.gallery, opts["height"], opts["width"], desc="gallery", **kw)
@@ -180,10 +184,11 @@ def run_test(args: argparse.Namespace) -> dict:
     return results
 
 
+@cli
 def main(argv=None) -> int:
     run_test(build_parser().parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main)())
+    sys.exit(main())

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--triplet", action="store_true", help="add batch-hard triplet loss on part embeddings")
     g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
     g.add_argument("--amp", action="store_true", help="torch.amp: fp16+GradScaler on CUDA, bf16 on CPU")
-    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (1.16x faster training on CPU, bench/train_speed.py)")
     return ap
 
 
@@ -390,6 +391,7 @@ def _epochs(opts, model, net, optimizer, scaler, sampler, train_set, data, histo
                                  f"data wait {100 * record['data_wait']:.0f}%"]))
 
 
+@cli
 def main(argv=None) -> int:
     opts = parse_opts(argv)
     try:
@@ -406,4 +408,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(main)())
+    sys.exit(main())
