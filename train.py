@@ -302,7 +302,7 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
         if main_proc:
             # Mid-epoch weights for inspection (test.py --which interrupted); exact resumption
             # restarts the interrupted epoch from last.pt.
-            save_checkpoint({"epoch": progress["epoch"], "iteration": progress["iteration"],
+            save_checkpoint({"epoch": progress["epoch"], "iteration": progress["iteration"],  # completed + partial
                              "model": model.state_dict(), "opts": opts, "train_pids": data.train_pids,
                              "history": history}, run_dir / "interrupted.pt")
         raise
@@ -380,6 +380,7 @@ def _epochs(opts, model, net, optimizer, scaler, sampler, train_set, data, histo
                     "scaler": scaler.state_dict() if use_cuda_amp else None, "history": history,
                     "opts": opts, "train_pids": data.train_pids}
             save_checkpoint(ckpt, run_dir / "last.pt")
+            progress["epoch"], progress["iteration"] = epoch + 1, 0  # completed epochs
             if opts["save_every"] and (epoch + 1) % opts["save_every"] == 0:
                 save_checkpoint(ckpt, run_dir / f"epoch_{epoch + 1:03d}.pt")
             plot_history(history, run_dir / "train.jpg")
