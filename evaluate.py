@@ -15,6 +15,7 @@ with a binary search; per-position counts then give each positive's rank.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -95,7 +96,8 @@ class _Accumulator:
             raise ValueError(f"ap={ap!r}: expected one of {', '.join(AP_FORMULAS)}")
         self.max_rank, self.ap = max_rank, ap
         self.cmc = torch.zeros(max_rank, dtype=torch.float64)
-        self.ap_sum = self.inp_sum = 0.0
+        # Per-query values, summed once at the end: chunking cannot change the rounding.
+        self.aps, self.inps = [], []
         self.valid = self.skipped = 0
 
     def add(self, ranks: torch.Tensor, npos: torch.Tensor) -> None:
@@ -118,9 +120,9 @@ class _Accumulator:
         else:
             old = torch.where(r > 0, k / r.clamp_min(1), torch.ones_like(r))
             per_hit = (old + prec) / 2
-        self.ap_sum += float(((per_hit * live).sum(1) / n).sum())
+        self.aps.append((per_hit * live).sum(1) / n)
         last = r.gather(1, (npos - 1).unsqueeze(1)).squeeze(1)
-        self.inp_sum += float((n / (last + 1)).sum())
+        self.inps.append(n / (last + 1))
         first = r[:, 0]
         self.cmc += (first.unsqueeze(1) <= torch.arange(self.max_rank, dtype=torch.float64)).sum(0)
 
@@ -128,7 +130,8 @@ class _Accumulator:
         v = max(self.valid, 1)
         cmc = self.cmc / v
         at = lambda k: float(cmc[min(k, self.max_rank) - 1])  # noqa: E731
-        return Result(at(1), at(5), at(10), self.ap_sum / v, self.inp_sum / v, cmc, self.valid,
+        total = lambda xs: math.fsum(torch.cat(xs).tolist()) if xs else 0.0  # noqa: E731
+        return Result(at(1), at(5), at(10), total(self.aps) / v, total(self.inps) / v, cmc, self.valid,
                       self.skipped, self.ap)
 
 
@@ -136,7 +139,8 @@ def _positive_ranks(dist: torch.Tensor, q_pids, g_pids, q_cams, g_cams) -> tuple
     """dist (B,G) -> (ranks (B,M) int64 ascending 0-based positions of the positives among
     the valid items, padded; npos (B,) int64)."""
     b, g = dist.shape
-    d = torch.nan_to_num(dist.float(), nan=float("inf"))
+    d = dist.float()
+    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)  # nan_to_num would clip +inf
     same_pid = g_pids.unsqueeze(0) == q_pids.unsqueeze(1)
     valid = (g_pids != -1).unsqueeze(0) & ~(same_pid & (g_cams.unsqueeze(0) == q_cams.unsqueeze(1)))
     pos = same_pid & valid

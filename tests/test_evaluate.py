@@ -1,0 +1,220 @@
+"""evaluate.py against a plain per-query oracle, hand-worked cases, and a direct re-ranking."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import evaluate as E
+
+
+# --------------------------------------------------------------------------- the oracle
+def oracle(dist, qp, gp, qc, gc, ap="official", max_rank=50):
+    """Deliberately plain: per query, stable argsort, drop junk and same pid+camera, walk hits."""
+    dist = np.where(np.isnan(dist), np.inf, np.asarray(dist, dtype=np.float64))
+    cmc, aps, inps, skipped = np.zeros(max_rank), [], [], 0
+    for i in range(len(qp)):
+        order = np.argsort(dist[i], kind="stable")
+        kept = [j for j in order if gp[j] != -1 and not (gp[j] == qp[i] and gc[j] == qc[i])]
+        hits = [k for k, j in enumerate(kept) if gp[j] == qp[i]]
+        if not hits:
+            skipped += 1
+            continue
+        n = len(hits)
+        cmc[hits[0]:] += 1
+        total = 0.0
+        for k, r in enumerate(hits):
+            precision = (k + 1) / (r + 1)
+            if ap == "standard":
+                total += precision / n
+            else:
+                old = k / r if r != 0 else 1.0
+                total += (old + precision) / 2 / n
+        aps.append(total)
+        inps.append(n / (hits[-1] + 1))
+    v = len(aps)
+    if v == 0:
+        return None, skipped
+    return {"cmc": cmc / v, "mAP": float(np.mean(aps)), "mINP": float(np.mean(inps))}, skipped
+
+
+def random_problem(rng, q, g, ties=False, nans=False):
+    dist = rng.integers(0, 4, (q, g)).astype(np.float32) if ties else rng.random((q, g)).astype(np.float32)
+    if nans:
+        dist[rng.random((q, g)) < 0.1] = np.nan
+    qp = rng.integers(0, 6, q)            # 0 = distractor id as a query never matches... but may
+    gp = rng.integers(-1, 6, g)           # -1 junk, 0 distractors
+    qc, gc = rng.integers(0, 3, q), rng.integers(0, 3, g)
+    return dist, qp, gp, qc, gc
+
+
+def assert_matches(res, ref, skipped):
+    assert res.num_skipped_queries == skipped
+    np.testing.assert_array_equal(res.cmc.numpy(), ref["cmc"])
+    assert res.mAP == pytest.approx(ref["mAP"], abs=1e-6)
+    assert res.mINP == pytest.approx(ref["mINP"], abs=1e-6)
+    assert res.rank1 == ref["cmc"][0] and res.rank5 == ref["cmc"][4] and res.rank10 == ref["cmc"][9]
+
+
+@pytest.mark.parametrize("ap", ["official", "standard"])
+@pytest.mark.parametrize("ties,nans", [(False, False), (True, False), (True, True)])
+def test_fast_path_equals_oracle_on_random_problems(ap, ties, nans):
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        dist, qp, gp, qc, gc = random_problem(rng, int(rng.integers(1, 20)), int(rng.integers(1, 60)), ties, nans)
+        ref, skipped = oracle(dist, qp, gp, qc, gc, ap)
+        res = E.evaluate(torch.from_numpy(dist), qp, gp, qc, gc, ap=ap, chunk=int(rng.integers(1, 6)))
+        if ref is None:
+            assert res.num_valid_queries == 0 and res.num_skipped_queries == skipped
+            continue
+        assert_matches(res, ref, skipped)
+
+
+# --------------------------------------------------------------------------- hand-built cases
+def test_hand_built_single_query():
+    # Gallery in distance order after dropping junk (-1) and same-camera same-id items:
+    #   index: 0   1   2   3   4   5   6
+    #   pid:   2  [1]  0  [1]  3   -1  1 (camera 0 = query camera: ignored)
+    # kept order by distance: g0(2) g1(1) g2(0) g3(1) g4(3) -> hits at 0-based positions 1, 3
+    dist = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.05, 0.01]])
+    gp = [2, 1, 0, 1, 3, -1, 1]
+    gc = [1, 1, 1, 2, 2, 1, 0]
+    official = E.evaluate(dist, [1], gp, [0], gc, ap="official")
+    standard = E.evaluate(dist, [1], gp, [0], gc, ap="standard")
+    assert official.rank1 == 0.0 and official.rank5 == 1.0
+    # standard: precisions at hits 1/2 and 2/4 -> (0.5 + 0.5) / 2 = 0.5
+    assert standard.mAP == pytest.approx(0.5)
+    # official trapezoid: hit 0 at r=1: old 0/1=0, prec 1/2 -> (0 + 0.5)/2 * 1/2 = 0.125
+    #                     hit 1 at r=3: old 1/3,   prec 2/4 -> (1/3 + 1/2)/2 * 1/2 = 0.208333
+    assert official.mAP == pytest.approx(0.125 + (1 / 3 + 0.5) / 4)
+    # mINP: 2 hits, last at position 3 (1-based 4) -> 2/4
+    assert official.mINP == pytest.approx(0.5)
+    assert official.ap_formula == "official" and "official" in E.format_result(official)
+
+
+def test_hand_built_perfect_and_skipped_queries():
+    dist = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.1], [0.5, 0.5, 0.5]])
+    gp = [1, 2, 1]
+    gc = [1, 1, 2]
+    # q0 (pid 1, cam 0): hits at positions 0 and 1 -> AP 1, INP 1.
+    # q1 (pid 2, cam 1): its only match g1 shares its camera -> skipped.
+    # q2 (pid 1, cam 2): g2 same camera ignored; equal distances, ties by index: g0 (hit), g1 -> AP 1.
+    res = E.evaluate(dist, [1, 2, 1], gp, [0, 1, 2], gc)
+    assert res.num_valid_queries == 2 and res.num_skipped_queries == 1
+    assert res.rank1 == 1.0 and res.mAP == pytest.approx(1.0) and res.mINP == pytest.approx(1.0)
+
+
+def test_ties_are_broken_by_gallery_index():
+    dist = torch.zeros(1, 4)
+    first = E.evaluate(dist, [1], [1, 2, 3, 4], [0], [1, 1, 1, 1])
+    last = E.evaluate(dist, [4], [1, 2, 3, 4], [0], [1, 1, 1, 1])
+    assert first.rank1 == 1.0 and last.rank1 == 0.0 and last.mINP == pytest.approx(1 / 4)
+
+
+# --------------------------------------------------------------------------- weighted distance
+def test_weighted_distance_equals_direct_pair_loop():
+    g = torch.Generator().manual_seed(0)
+    qf, gf = torch.randn(3, 4, 5, generator=g), torch.randn(6, 4, 5, generator=g)
+    qw, gw = torch.rand(3, 4, generator=g), torch.rand(6, 4, generator=g)
+    d = E.weighted_distance(qf, qw, gf, gw)
+    for i in range(3):
+        for j in range(6):
+            alpha = qw[i] * gw[j] / (qw[i] * gw[j]).sum()
+            cos = torch.nn.functional.cosine_similarity(qf[i], gf[j], dim=-1)
+            assert d[i, j].item() == pytest.approx(float((alpha * (1 - cos)).sum()), abs=1e-5)
+    torch.testing.assert_close(E.weighted_distance(qf, 3 * qw, gf, gw), d)
+
+
+def test_uniform_weights_rank_like_pcb_concatenated_features():
+    g = torch.Generator().manual_seed(1)
+    qf, gf = torch.randn(5, 6, 8, generator=g), torch.randn(40, 6, 8, generator=g)
+    u = lambda n: torch.full((n, 6), 1 / 6)  # noqa: E731
+    d = E.weighted_distance(qf, u(5), gf, u(40))
+    cat = lambda f: torch.nn.functional.normalize(f, dim=-1).flatten(1)  # noqa: E731
+    euclid = torch.cdist(cat(qf), cat(gf))
+    assert torch.equal(torch.argsort(d, dim=1), torch.argsort(euclid, dim=1))
+    torch.testing.assert_close(euclid ** 2, 12 * d, atol=1e-4, rtol=1e-4)  # ||a-b||^2 = 2P(1 - mean cos)
+
+
+def test_chunked_equals_unchunked_and_features_path_equals_matrix_path():
+    rng = np.random.default_rng(3)
+    g = torch.Generator().manual_seed(3)
+    qf, gf = torch.randn(30, 3, 4, generator=g), torch.randn(80, 3, 4, generator=g)
+    qw, gw = torch.rand(30, 3, generator=g), torch.rand(80, 3, generator=g)
+    qp, gp = rng.integers(0, 8, 30), rng.integers(-1, 8, 80)
+    qc, gc = rng.integers(0, 3, 30), rng.integers(0, 3, 80)
+    full = E.evaluate_features(qf, qw, gf, gw, qp, gp, qc, gc, chunk=1000)
+    for chunk in (1, 7, 29):
+        part = E.evaluate_features(qf, qw, gf, gw, qp, gp, qc, gc, chunk=chunk)
+        assert part.as_dict() == full.as_dict()
+    assert E.evaluate(E.weighted_distance(qf, qw, gf, gw), qp, gp, qc, gc).as_dict() == full.as_dict()
+
+
+# --------------------------------------------------------------------------- re-ranking
+def direct_rerank(q_g, q_q, g_g, k1=20, k2=6, lam=0.3):
+    """The paper's formulas written out with sets and loops (Zhong et al. 2017)."""
+    d = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64)
+    d = (d / d.max(axis=0)).T
+    n, nq = d.shape[0], q_g.shape[0]
+    order = [list(np.argsort(d[i], kind="stable")) for i in range(n)]
+    top = lambda i, k: set(order[i][:k + 1])  # noqa: E731
+    recip = lambda i, k: {j for j in top(i, k) if i in top(j, k)}  # noqa: E731
+    v = np.zeros((n, n))
+    for i in range(n):
+        r = recip(i, k1)
+        expanded = set(r)
+        for c in r:
+            rc = recip(c, int(round(k1 / 2)))
+            if len(rc & r) > 2 / 3 * len(rc):
+                expanded |= rc
+        idx = sorted(expanded)
+        w = np.exp(-d[i, idx])
+        v[i, idx] = w / w.sum()
+    v = np.stack([v[order[i][:k2]].mean(0) for i in range(n)])
+    jac = np.zeros((nq, n - nq))
+    for i in range(nq):
+        for j in range(n - nq):
+            inter = np.minimum(v[i], v[nq + j]).sum()
+            jac[i, j] = 1 - inter / (2 - inter)
+    return (1 - lam) * jac + lam * d[:nq, nq:]
+
+
+def test_rerank_matches_direct_formulas():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(17, 6))
+    full = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    nq = 5
+    q_g, q_q, g_g = full[:nq, nq:], full[:nq, :nq], full[nq:, nq:]
+    for k1, k2 in ((4, 2), (6, 3), (20, 6)):
+        ours = E.re_ranking(q_g, q_q, g_g, k1=k1, k2=k2).numpy()
+        np.testing.assert_allclose(ours, direct_rerank(q_g, q_q, g_g, k1, k2), atol=1e-5)
+
+
+def test_rerank_refuses_past_its_limit(monkeypatch):
+    monkeypatch.setattr(E, "RERANK_MAX_ITEMS", 10)
+    with pytest.raises(ValueError, match="re-ranking 4 queries x 8 gallery.*without --rerank"):
+        E.re_ranking(torch.zeros(4, 8), torch.zeros(4, 4), torch.zeros(8, 8))
+
+
+# --------------------------------------------------------------------------- fuzzing
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_fuzz_never_crashes_stays_in_range_and_agrees(data):
+    q = data.draw(st.integers(1, 8))
+    g = data.draw(st.integers(0, 25))
+    values = st.one_of(st.sampled_from([0.0, 0.5, 1.0, math.nan, math.inf]), st.floats(0, 2, width=32))
+    dist = np.array(data.draw(st.lists(values, min_size=q * g, max_size=q * g)), dtype=np.float32).reshape(q, g)
+    qp = np.array(data.draw(st.lists(st.integers(0, 3), min_size=q, max_size=q)))
+    gp = np.array(data.draw(st.lists(st.integers(-1, 3), min_size=g, max_size=g)), dtype=np.int64)
+    qc = np.array(data.draw(st.lists(st.integers(0, 2), min_size=q, max_size=q)))
+    gc = np.array(data.draw(st.lists(st.integers(0, 2), min_size=g, max_size=g)), dtype=np.int64)
+    ap = data.draw(st.sampled_from(["official", "standard"]))
+    res = E.evaluate(torch.from_numpy(dist), qp, gp, qc, gc, ap=ap, chunk=data.draw(st.integers(1, 9)))
+    for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
+        assert 0.0 <= res[key] <= 1.0
+    ref, skipped = oracle(dist, qp, gp, qc, gc, ap)
+    if ref is None:
+        assert res.num_valid_queries == 0
+    else:
+        assert_matches(res, ref, skipped)
