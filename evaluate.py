@@ -9,9 +9,13 @@ ignored for that query; a query without any valid positive is skipped and counte
 Ordering: ascending distance, ties broken by lower gallery index (a stable sort); NaN
 distances count as +inf.
 
-Speed: the ranks of a query's positives are all that CMC, AP and INP need, so rows are
-never sorted: the few positives are sorted, and every gallery item is placed between them
-with a binary search; per-position counts then give each positive's rank.
+Speed: CMC, AP and INP only need the ranks of a query's positives, so rows are never
+fully sorted. Per query the same-pid gallery items are looked up (sparse), the largest
+positive distance ``t`` is found, and only the items with distance <= t (the "prefix":
+everything that can precede a positive) are gathered and sorted; rank of a positive =
+its position among the valid items of that prefix. Queries whose prefix is a large part
+of the gallery (a positive ranked very deep) use a dense count instead: a binary search
+of every item among the sorted positives and a histogram. Both are exact, ties included.
 """
 from __future__ import annotations
 
@@ -21,14 +25,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from utils import UserError
+
 AP_FORMULAS = {
     "official": "official, Market-1501 trapezoid",
     "standard": "standard, mean precision at hits",
 }
-# Elements of a (chunk, G) block handled at once; bounds the memory of the evaluation.
+# Elements of a (query chunk, G) block: bounds the evaluation's memory (x4 bytes per buffer).
 CHUNK_ELEMENTS = 1 << 23
-# Re-ranking holds a few dense (Q+G)^2 float32 matrices.
-RERANK_MAX_ITEMS = 25_000
+# A query whose prefix holds more than this fraction of the gallery is counted densely.
+DENSE_FRACTION = 0.25
+DENSE_MIN = 64
+# Re-ranking holds about RERANK_BYTES_PER_PAIR * (Q+G)^2 bytes (dense float32/bool matrices).
+RERANK_MAX_ITEMS = 20_000
+RERANK_BYTES_PER_PAIR = 12
+
+
+class RerankTooLarge(UserError, ValueError):
+    """Re-ranking asked for more items than RERANK_MAX_ITEMS (a user-fixable choice)."""
 
 
 # --------------------------------------------------------------------------- distance
@@ -37,28 +51,48 @@ def _scaled(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (F.normalize(f.float(), dim=-1) * w.float().unsqueeze(-1)).flatten(1)
 
 
-def _distance_block(qs: torch.Tensor, qw: torch.Tensor, gs: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
-    num = qs @ gs.T                                     # sum_i w_i(q) w_i(g) cos(q_i, g_i)
-    den = (qw.float() @ gw.float().T).clamp_min(1e-12)  # sum_j w_j(q) w_j(g)
-    return 1.0 - num / den
+def _distance_block(qs, qw, gs, gw, out: torch.Tensor | None = None) -> torch.Tensor:
+    """qs (B,P*D), qw (B,P), gs (G,P*D), gw (G,P) float32 -> (B,G) float32 ``1 - num / den``.
+
+    num = sum_i w_i(q) w_i(g) cos(q_i, g_i) (one matmul); den = sum_j w_j(q) w_j(g), zero
+    denominators (all weights zero) clamped so the distance is 1. ``out`` (B,G) is reused.
+    """
+    num = torch.mm(qs, gs.T, out=out) if out is not None else qs @ gs.T
+    den = (qw.float() @ gw.float().T).clamp_min_(torch.finfo(torch.float32).tiny)
+    return num.div_(den).neg_().add_(1.0)
 
 
-def weighted_distance(qf: torch.Tensor, qw: torch.Tensor, gf: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
-    """D(q,g) = sum_i alpha_i(q,g) (1 - cos(q_i, g_i)), alpha_i ∝ w_i(q) w_i(g).
+def weighted_distance(qf, qw, gf, gw, *, chunk: int | None = None) -> torch.Tensor:
+    """D(q,g) = sum_i alpha_i(q,g) (1 - cos(q_i, g_i)), alpha_i = w_i(q) w_i(g) / sum_j w_j(q) w_j(g).
 
     qf (Q,P,D), qw (Q,P) >= 0, gf (G,P,D), gw (G,P) >= 0 -> dist (Q,G) float32 in [0, 2].
-    Two matrix products: weight-scaled concatenated normalised features, and the (Q,P)@(P,G)
-    normaliser. Weights are scale-free (w and 3w give the same distance). With uniform
-    weights, D = 1 - mean_i cos, which ranks exactly like the Euclidean distance between
-    PCB's concatenated per-part-normalised features.
+    One matmul of the weight-scaled concatenated normalised features plus the (Q,P)@(P,G)
+    normaliser; ``chunk`` queries at a time (default: all) to bound the temporaries.
+    Weights are scale-free (w and 3w give the same distance). With uniform weights
+    D = 1 - mean_i cos = ||x - y||^2 / (2P) for PCB's concatenated per-part-normalised
+    features x, y: the same ranking as their Euclidean distance.
     """
-    return _distance_block(_scaled(qf, qw), qw, _scaled(gf, gw), gw)
+    qw, gw = torch.as_tensor(qw).float(), torch.as_tensor(gw).float()
+    gs = _scaled(torch.as_tensor(gf), gw)
+    qf = torch.as_tensor(qf)
+    if not chunk or chunk >= qf.shape[0]:
+        return _distance_block(_scaled(qf, qw), qw, gs, gw)
+    out = torch.empty(qf.shape[0], gs.shape[0])
+    for s in range(0, qf.shape[0], chunk):
+        e = s + chunk
+        out[s:e] = _distance_block(_scaled(qf[s:e], qw[s:e]), qw[s:e], gs, gw)
+    return out
 
 
 # --------------------------------------------------------------------------- metrics
 @dataclass
 class Result:
-    """Metrics over the valid queries (fractions in [0, 1]); ``cmc`` (max_rank,) float64."""
+    """Metrics over the valid queries, fractions in [0, 1].
+
+    rank1/rank5/rank10/mAP/mINP: float; cmc: (max_rank,) float64 tensor (cmc[k-1] = Rank-k);
+    num_valid_queries / num_skipped_queries: int; ap_formula: "official" or "standard".
+    Also readable like a dict (``res["mAP"]``, ``res.get(...)``).
+    """
 
     rank1: float
     rank5: float
@@ -71,167 +105,328 @@ class Result:
     ap_formula: str
     extra: dict = field(default_factory=dict)
 
-    def __getitem__(self, key):  # dict-style access, e.g. res["mAP"]
+    def __getitem__(self, key):
         return getattr(self, key)
 
     def get(self, key, default=None):
         return getattr(self, key, default)
 
     def as_dict(self) -> dict:
+        """Plain types only (cmc as a list): ready for yaml/json."""
         return {"rank1": self.rank1, "rank5": self.rank5, "rank10": self.rank10, "mAP": self.mAP,
                 "mINP": self.mINP, "cmc": self.cmc.tolist(), "num_valid_queries": self.num_valid_queries,
                 "num_skipped_queries": self.num_skipped_queries, "ap_formula": self.ap_formula}
 
+    def format(self) -> str:
+        return format_result(self)
+
 
 def format_result(res: Result) -> str:
-    """One line: Rank-1/5/10, mAP (with the AP formula named), mINP."""
+    """One line: Rank-1/5/10, mAP (with the AP formula named), mINP, number of queries."""
+    skipped = f", {res.num_skipped_queries} skipped" if res.num_skipped_queries else ""
     return (f"Rank-1 {100 * res.rank1:.2f}% | Rank-5 {100 * res.rank5:.2f}% | Rank-10 {100 * res.rank10:.2f}% | "
             f"mAP {100 * res.mAP:.2f}% (AP: {AP_FORMULAS[res.ap_formula]}) | mINP {100 * res.mINP:.2f}% "
-            f"| {res.num_valid_queries} queries")
+            f"| {res.num_valid_queries} queries{skipped}")
 
 
 class _Accumulator:
+    """Sums per-query AP / INP / first-hit histograms over chunks."""
+
     def __init__(self, max_rank: int, ap: str):
         if ap not in AP_FORMULAS:
             raise ValueError(f"ap={ap!r}: expected one of {', '.join(AP_FORMULAS)}")
+        if max_rank < 1:
+            raise ValueError(f"max_rank={max_rank}: expected >= 1")
         self.max_rank, self.ap = max_rank, ap
-        self.cmc = torch.zeros(max_rank, dtype=torch.float64)
+        self.width = max(max_rank, 10)
+        self.first = torch.zeros(self.width + 1, dtype=torch.float64)  # histogram of min(first hit, width)
         # Per-query values, summed once at the end: chunking cannot change the rounding.
-        self.aps, self.inps = [], []
+        self.aps: list[torch.Tensor] = []
+        self.inps: list[torch.Tensor] = []
         self.valid = self.skipped = 0
 
-    def add(self, ranks: torch.Tensor, npos: torch.Tensor) -> None:
-        """ranks (B, M) int64: 0-based positions of each query's positives among its valid
-        gallery items, ascending, padded beyond npos (B,)."""
+    def add(self, hit: torch.Tensor, rank: torch.Tensor, live: torch.Tensor, npos: torch.Tensor) -> None:
+        """Hits of B queries, in any order along L, padded where ``live`` is False.
+
+        hit (B,L): 0-based index of the hit among the query's hits; rank (B,L): its 0-based
+        position among the valid gallery items; live (B,L) bool; npos (B,) int: hits per query.
+        """
         has = npos > 0
         self.skipped += int((~has).sum())
-        ranks, npos = ranks[has], npos[has]
-        if ranks.numel() == 0:
+        if not bool(has.any()):
             return
-        self.valid += ranks.shape[0]
-        m = ranks.shape[1]
-        k = torch.arange(m, dtype=torch.float64).expand(ranks.shape[0], m)
-        live = k < npos.unsqueeze(1)
-        r = ranks.to(torch.float64)
-        n = npos.to(torch.float64)
-        prec = (k + 1) / (r + 1)
+        hit, rank, live, npos = hit[has].double(), rank[has].double(), live[has], npos[has].double()
+        self.valid += int(npos.shape[0])
+        prec = (hit + 1) / (rank + 1)
         if self.ap == "standard":
             per_hit = prec
         else:
-            old = torch.where(r > 0, k / r.clamp_min(1), torch.ones_like(r))
+            old = torch.where(rank > 0, hit / rank.clamp_min(1), torch.ones_like(rank))
             per_hit = (old + prec) / 2
-        self.aps.append((per_hit * live).sum(1) / n)
-        last = r.gather(1, (npos - 1).unsqueeze(1)).squeeze(1)
-        self.inps.append(n / (last + 1))
-        first = r[:, 0]
-        self.cmc += (first.unsqueeze(1) <= torch.arange(self.max_rank, dtype=torch.float64)).sum(0)
+        self.aps.append(torch.where(live, per_hit, 0.0).sum(1) / npos)
+        last = torch.where(live, rank, -1.0).amax(1)
+        self.inps.append(npos / (last + 1))
+        first = torch.where(live, rank, math.inf).amin(1).clamp_max(self.width).long()
+        self.first += torch.bincount(first, minlength=self.width + 1).double()
 
     def result(self) -> Result:
         v = max(self.valid, 1)
-        cmc = self.cmc / v
-        at = lambda k: float(cmc[min(k, self.max_rank) - 1])  # noqa: E731
+        cmc = torch.cumsum(self.first[:self.width], 0) / v
         total = lambda xs: math.fsum(torch.cat(xs).tolist()) if xs else 0.0  # noqa: E731
-        return Result(at(1), at(5), at(10), total(self.aps) / v, total(self.inps) / v, cmc, self.valid,
-                      self.skipped, self.ap)
+        return Result(float(cmc[0]), float(cmc[4]), float(cmc[9]), total(self.aps) / v, total(self.inps) / v,
+                      cmc[:self.max_rank].clone(), self.valid, self.skipped, self.ap)
 
 
-def _positive_ranks(dist: torch.Tensor, q_pids, g_pids, q_cams, g_cams) -> tuple[torch.Tensor, torch.Tensor]:
-    """dist (B,G) -> (ranks (B,M) int64 ascending 0-based positions of the positives among
-    the valid items, padded; npos (B,) int64)."""
-    b, g = dist.shape
-    d = dist.float()
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)  # nan_to_num would clip +inf
-    same_pid = g_pids.unsqueeze(0) == q_pids.unsqueeze(1)
-    valid = (g_pids != -1).unsqueeze(0) & ~(same_pid & (g_cams.unsqueeze(0) == q_cams.unsqueeze(1)))
-    pos = same_pid & valid
+class _Gallery:
+    """Gallery labels, indexed once for the per-query same-pid look-up.
+
+    pids/cams (G,) int64; junk (G,) bool (pid -1); keep_idx (Gk,) the non-junk indices;
+    remap (G+1,) position of each item among the non-junk ones (-1 for junk, Gk for the
+    padding index G); by_pid: non-junk indices sorted by pid (stable, so ascending within a pid).
+    """
+
+    def __init__(self, g_pids: torch.Tensor, g_cams: torch.Tensor):
+        self.size = int(g_pids.numel())
+        self.pids, self.cams = g_pids, g_cams
+        self.junk = g_pids == -1
+        self.has_junk = bool(self.junk.any())
+        self.keep_idx = (~self.junk).nonzero(as_tuple=True)[0]
+        self.remap = torch.full((self.size + 1,), -1, dtype=torch.long)
+        self.remap[self.keep_idx] = torch.arange(self.keep_idx.numel())
+        self.remap[self.size] = self.keep_idx.numel()
+        self.sorted_pids, order = torch.sort(g_pids[self.keep_idx], stable=True)
+        self.by_pid = self.keep_idx[order]
+        # Sentinel at index G (padding): a pid and camera no query has, and junk.
+        self.pids_ext = torch.cat([g_pids, torch.tensor([-1])])
+        self.cams_ext = torch.cat([g_cams, torch.tensor([-2])])
+
+    def without_junk(self) -> "_Gallery":
+        return self if not self.has_junk else _Gallery(self.pids[self.keep_idx], self.cams[self.keep_idx])
+
+    def same_pid(self, q_pids: torch.Tensor, q_cams: torch.Tensor):
+        """(B,) queries -> cols (B,M) non-junk gallery indices with the query's pid, ascending,
+        padded with G; pos (B,M) bool valid positives (other camera); ign (B,M) bool ignored
+        (same camera)."""
+        lo = torch.searchsorted(self.sorted_pids, q_pids, right=False)
+        n = torch.searchsorted(self.sorted_pids, q_pids, right=True) - lo
+        m = int(n.max()) if n.numel() else 0
+        k = torch.arange(max(m, 1))
+        live = k < n.unsqueeze(1)
+        if self.by_pid.numel():
+            cols = torch.where(live, self.by_pid[(lo.unsqueeze(1) + k).clamp_max(self.by_pid.numel() - 1)], self.size)
+        else:
+            cols = torch.full(live.shape, self.size, dtype=torch.long)
+        ign = live & (self.cams_ext[cols] == q_cams.unsqueeze(1))
+        return cols, live & ~ign, ign
+
+
+def _chunk_hits(d: torch.Tensor, q_pids, q_cams, gal: _Gallery):
+    """d (B,G) float32 distances (NaN allowed: ranked as +inf; not modified) -> (hit, rank,
+    live, npos) for :meth:`_Accumulator.add`."""
+    b, g = d.shape
+    cols, pos, ign = gal.same_pid(q_pids, q_cams)
     npos = pos.sum(1)
-    m = int(npos.max()) if b else 0
-    if m == 0:
-        return torch.zeros(b, 1, dtype=torch.long), npos
-    # Positives in index order, packed into (B, M), padded with (+inf, index G): pads sort
-    # after every real item under the (distance, index) order.
-    rows, cols = pos.nonzero(as_tuple=True)
-    start = torch.cumsum(npos, 0) - npos
-    slot = torch.arange(rows.numel()) - start[rows]
-    pd = torch.full((b, m), float("inf"))
-    pi = torch.full((b, m), g, dtype=torch.long)
-    pd[rows, slot] = d[rows, cols]
-    pi[rows, slot] = cols
-    pd, order = torch.sort(pd, dim=1, stable=True)     # stable: equal distances keep index order
-    pi = pi.gather(1, order)
-    # How many positives precede each gallery item in the (distance, index) order.
-    before = torch.searchsorted(pd, d, right=False)
-    tied = (torch.searchsorted(pd, d, right=True) > before) & valid
-    if tied.any():
-        tr, tc = tied.nonzero(as_tuple=True)
-        dt = d[tr, tc].unsqueeze(1)
-        before[tr, tc] = ((pd[tr] < dt) | ((pd[tr] == dt) & (pi[tr] < tc.unsqueeze(1)))).sum(1)
-    before = torch.where(valid, before, torch.full_like(before, m + 1))
-    counts = torch.zeros(b, m + 2, dtype=torch.long).scatter_add_(1, before, torch.ones_like(before))
-    # Items with before <= k come ahead of the k-th positive, itself included.
-    ranks = counts.cumsum(1)[:, :m] - 1
-    return ranks, npos
+    empty = torch.zeros(b, 1, dtype=torch.long)
+    if g == 0 or not bool((npos > 0).any()):
+        return empty, empty, empty.bool(), npos
+    pd = d.gather(1, cols.clamp_max(g - 1)).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    # t: each query's largest positive distance: all that can precede a positive has d <= t.
+    t = torch.where(pos, pd, -math.inf).amax(1)
+    finite = (npos > 0) & (t < math.inf)
+    outs = []
+    dense = (npos > 0) & ~finite
+    if bool(finite.any()):
+        # The prefix d <= t (NaN compares False: NaN ranks after every finite t).
+        r, c = (d <= torch.where(finite, t, -math.inf).unsqueeze(1)).nonzero(as_tuple=True)
+        size = torch.bincount(r, minlength=b)
+        long_rows = size > max(DENSE_FRACTION * g, DENSE_MIN)
+        if bool(long_rows.any()):
+            dense |= long_rows
+            keep = ~long_rows[r]
+            r, c = r[keep], c[keep]
+            size = torch.where(long_rows, 0, size)
+        if r.numel():
+            outs.append(_prefix_hits(d, r, c, size, q_pids, q_cams, npos, gal))
+    if bool(dense.any()):
+        rows = dense.nonzero(as_tuple=True)[0]
+        outs.append((rows, *_dense_hits(d[rows], cols[rows], pos[rows], ign[rows], gal)))
+    width = max(o[1].shape[1] for o in outs)
+    hit = torch.zeros(b, width, dtype=torch.long)
+    rank = torch.zeros(b, width, dtype=torch.long)
+    live = torch.zeros(b, width, dtype=torch.bool)
+    for rows, h, rk, lv in outs:
+        w = h.shape[1]
+        hit[rows, :w], rank[rows, :w], live[rows, :w] = h, rk, lv
+    return hit, rank, live, npos
+
+
+def _prefix_hits(d, r, c, size, q_pids, q_cams, npos, gal):
+    """Queries whose prefix (d <= t) is short: the prefix items (r, c) (row-major, c
+    ascending) are packed into rows, sorted stably by distance (ties keep index order),
+    and each positive's rank is its position among the valid items before it. Rows are
+    packed in classes of similar prefix length (powers of two) to keep padding small.
+    Returns (rows, hit, rank, live) with one column per hit (width = max hits)."""
+    b = d.shape[0]
+    rows_all = (size > 0).nonzero(as_tuple=True)[0]
+    width_out = int(npos[rows_all].max())
+    hit_out = torch.arange(width_out).expand(rows_all.numel(), width_out)
+    rank_out = torch.zeros(rows_all.numel(), width_out, dtype=torch.long)
+    live_out = hit_out < npos[rows_all].unsqueeze(1)
+    # Entries grouped by row (already row-major); classes by ceil(log2(size)).
+    start_all = torch.cumsum(size, 0) - size
+    cls = torch.ceil(torch.log2(size[rows_all].double())).long()
+    local = torch.full((b,), -1, dtype=torch.long)
+    local[rows_all] = torch.arange(rows_all.numel())
+    row_cls = torch.full((b,), -1, dtype=torch.long)
+    row_cls[rows_all] = cls
+    entry_cls = row_cls[r]
+    for k in torch.unique(cls).tolist():
+        in_k = cls == k
+        rows = rows_all[in_k]
+        sel = (entry_cls == k).nonzero(as_tuple=True)[0]
+        rr, cc = r[sel], c[sel]
+        sz = size[rows]
+        pos_in_k = torch.full((b,), -1, dtype=torch.long)
+        pos_in_k[rows] = torch.arange(rows.numel())
+        lr = pos_in_k[rr]
+        slot = sel - start_all[rr]                              # position within its row
+        width = int(sz.max())
+        vals = torch.full((rows.numel(), width), math.inf)
+        idx = torch.full((rows.numel(), width), gal.size, dtype=torch.long)
+        vals[lr, slot] = d[rr, cc]
+        idx[lr, slot] = cc
+        order = torch.sort(vals, dim=1, stable=True).indices    # pads (inf, G) stay last
+        idx = idx.gather(1, order)
+        p = gal.pids_ext[idx]
+        same = p == q_pids[rows].unsqueeze(1)
+        ign = same & (gal.cams_ext[idx] == q_cams[rows].unsqueeze(1))
+        valid = (p != -1) & ~ign                                # pads carry pid -1 too
+        pos = same & valid
+        rank = torch.cumsum(valid, 1) - 1
+        hit = torch.cumsum(pos, 1) - 1
+        pr, pc = pos.nonzero(as_tuple=True)
+        rank_out[local[rows[pr]], hit[pr, pc]] = rank[pr, pc]
+    return rows_all, hit_out, rank_out, live_out
+
+
+def _dense_hits(d, cols, pos, ign, gal):
+    """Queries with a deep (or infinitely far) positive: junk columns dropped, NaN -> +inf,
+    then every item is placed among the query's same-pid items L (sorted by distance, then
+    index) by binary search; a histogram of the placements gives how many items precede
+    each member of L."""
+    if gal.has_junk:
+        d = d.index_select(1, gal.keep_idx)
+        cols = gal.remap[cols]
+    d = torch.nan_to_num(d, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    b, g = d.shape
+    m = cols.shape[1]
+    member = pos | ign
+    ld = torch.where(member, d.gather(1, cols.clamp_max(g - 1)), math.inf)
+    li = torch.where(member, cols, g)
+    ld, order = torch.sort(ld, dim=1, stable=True)           # cols ascending -> (distance, index) order
+    li, lpos, lign = li.gather(1, order), pos.gather(1, order), ign.gather(1, order)
+    ld_nan = torch.cat([ld, torch.full((b, 1), math.nan)], 1)   # NaN: equal to nothing
+    bucket = torch.searchsorted(ld, d)                        # members with a smaller distance
+    tied = ld_nan.gather(1, bucket) == d                      # equal to a member's distance: index decides
+    tr, tc = tied.nonzero(as_tuple=True)
+    step = max(1, CHUNK_ELEMENTS // (4 * (m + 1)))
+    for a in range(0, tr.numel(), step):
+        rr, cc = tr[a:a + step], tc[a:a + step]
+        dv = d[rr, cc].unsqueeze(1)
+        bucket[rr, cc] = ((ld[rr] < dv) | ((ld[rr] == dv) & (li[rr] < cc.unsqueeze(1)))).sum(1)
+    counts = torch.zeros(b, m + 1, dtype=torch.long).scatter_add_(
+        1, bucket, torch.ones(1, 1, dtype=torch.long).expand(b, g))
+    # Items at or before member k: counts[0..k]; minus the ignored members before it.
+    upto = torch.cumsum(counts, 1)[:, :m]
+    rank = upto - 1 - (torch.cumsum(lign, 1) - lign.long())
+    hit = torch.cumsum(lpos, 1) - 1
+    return hit, rank, lpos
 
 
 def _as_long(x) -> torch.Tensor:
     return torch.as_tensor(x).long().reshape(-1)
 
 
-def _chunk_size(g: int, chunk: int | None) -> int:
-    return max(1, chunk if chunk else CHUNK_ELEMENTS // max(g, 1))
+def _rows_per_chunk(g: int, chunk: int | None) -> int:
+    limit = max(1, CHUNK_ELEMENTS // max(g, 1))
+    return max(1, min(chunk, limit) if chunk else limit)
 
 
 def evaluate(dist, q_pids, g_pids, q_cams, g_cams, *, ap: str = "official", max_rank: int = 50,
              chunk: int | None = None) -> Result:
-    """Metrics for a given distance matrix dist (Q,G) (e.g. after re-ranking).
+    """Metrics for a given distance matrix (e.g. after re-ranking).
 
-    q_pids/q_cams (Q,), g_pids/g_cams (G,) integer. ``ap``: "official" or "standard".
+    dist (Q,G) float (torch or numpy; not modified); q_pids/q_cams (Q,), g_pids/g_cams (G,)
+    integer. ``ap``: "official" or "standard". ``chunk``: queries per block (default and
+    upper bound: CHUNK_ELEMENTS // G).
     """
     dist = torch.as_tensor(dist)
     qp, gp, qc, gc = map(_as_long, (q_pids, g_pids, q_cams, g_cams))
+    if dist.shape != (qp.numel(), gp.numel()) or qc.numel() != qp.numel() or gc.numel() != gp.numel():
+        raise ValueError(f"dist {tuple(dist.shape)} does not match {qp.numel()} queries x {gp.numel()} gallery")
+    gal = _Gallery(gp, gc)
     acc = _Accumulator(max_rank, ap)
-    step = _chunk_size(dist.shape[1], chunk)
+    step = _rows_per_chunk(gal.size, chunk)
     for s in range(0, dist.shape[0], step):
-        acc.add(*_positive_ranks(dist[s:s + step], qp[s:s + step], gp, qc[s:s + step], gc))
+        acc.add(*_chunk_hits(dist[s:s + step].float(), qp[s:s + step], qc[s:s + step], gal))
     return acc.result()
 
 
 def evaluate_features(qf, qw, gf, gw, q_pids, g_pids, q_cams, g_cams, *, ap: str = "official",
-                      max_rank: int = 50, chunk: int | None = None) -> Result:
+                      max_rank: int = 50, chunk: int | None = 256) -> Result:
     """Metrics straight from part features, never holding a full (Q,G) matrix.
 
-    qf (Q,P,D), qw (Q,P), gf (G,P,D), gw (G,P); pids/cams as in :func:`evaluate`.
-    Each chunk of queries: weighted distance block -> ranks of its positives -> metrics.
+    qf (Q,P,D), qw (Q,P), gf (G,P,D), gw (G,P) float; pids/cams as in :func:`evaluate`.
+    Each chunk of queries (``chunk``, at most CHUNK_ELEMENTS // G): weighted distance block
+    (into a reused buffer) -> ranks of its positives -> metrics. Junk gallery items are
+    dropped before the matmul. Equals ``evaluate(weighted_distance(...), ...)``.
     """
     qp, gp, qc, gc = map(_as_long, (q_pids, g_pids, q_cams, g_cams))
+    gal = _Gallery(gp, gc)
+    gf, gw = torch.as_tensor(gf), torch.as_tensor(gw).float()
+    if gal.has_junk:
+        gf, gw = gf[gal.keep_idx], gw[gal.keep_idx]
+        gal = gal.without_junk()
     gs = _scaled(gf, gw)
+    qf, qw = torch.as_tensor(qf), torch.as_tensor(qw).float()
     acc = _Accumulator(max_rank, ap)
-    step = _chunk_size(gs.shape[0], chunk)
+    step = _rows_per_chunk(gal.size, chunk)
+    buf = torch.empty(min(step, qf.shape[0]), gal.size)
     for s in range(0, qf.shape[0], step):
-        e = s + step
-        dist = _distance_block(_scaled(qf[s:e], qw[s:e]), qw[s:e], gs, gw)
-        acc.add(*_positive_ranks(dist, qp[s:e], gp, qc[s:e], gc))
+        e = min(s + step, qf.shape[0])
+        d = _distance_block(_scaled(qf[s:e], qw[s:e]), qw[s:e], gs, gw, out=buf[:e - s])
+        acc.add(*_chunk_hits(d, qp[s:e], qc[s:e], gal))
     return acc.result()
 
 
 # --------------------------------------------------------------------------- re-ranking
-def re_ranking(q_g, q_q, g_g, *, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> torch.Tensor:
+def _check_rerank_size(nq: int, ng: int, max_items: int | None) -> None:
+    limit = RERANK_MAX_ITEMS if max_items is None else max_items
+    n = nq + ng
+    if n > limit:
+        gib = RERANK_BYTES_PER_PAIR * n * n / 2**30
+        raise RerankTooLarge(
+            f"re-ranking {nq} queries x {ng} gallery needs ~{gib:.1f} GiB of memory ({n} items, more than the "
+            f"limit of {limit}); evaluate without --rerank, or re-rank a subset of the gallery")
+
+
+def re_ranking(q_g, q_q, g_g, *, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+               max_items: int | None = None) -> torch.Tensor:
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017) of any distance.
 
-    q_g (Q,G), q_q (Q,Q), g_g (G,G) distances (torch or numpy) -> (Q,G) float32:
+    q_g (Q,G), q_q (Q,Q), g_g (G,G) distances (torch or numpy) -> (Q,G) float32 torch:
     ``(1 - lambda) * Jaccard(k-reciprocal sets) + lambda * original``. The original distance
     is used as given (each column scaled by its maximum), not squared: our weighted distance
-    already behaves like a squared Euclidean one. Needs about 3 dense (Q+G)^2 float32
-    matrices; past RERANK_MAX_ITEMS items it raises ValueError with the size.
+    already is a squared Euclidean one up to a constant. Memory: about
+    RERANK_BYTES_PER_PAIR * (Q+G)^2 bytes; past ``max_items`` (default RERANK_MAX_ITEMS)
+    items it raises :class:`RerankTooLarge` (a UserError and ValueError) with the size.
+    Neighbour ties are broken by ``torch.topk`` (no particular order).
     """
     q_g, q_q, g_g = (torch.as_tensor(x).float() for x in (q_g, q_q, g_g))
     nq, ng = q_g.shape
+    _check_rerank_size(nq, ng, max_items)
     n = nq + ng
-    if n > RERANK_MAX_ITEMS:
-        gib = 3 * n * n * 4 / 2**30
-        raise ValueError(f"re-ranking {nq} queries x {ng} gallery needs ~{gib:.0f} GiB ({n} items > the limit "
-                         f"of {RERANK_MAX_ITEMS}); evaluate without --rerank, or re-rank a subset of the gallery")
-    if n == 0:
+    if nq == 0 or ng == 0:
         return torch.zeros(nq, ng)
     dist = torch.cat([torch.cat([q_q, q_g], 1), torch.cat([q_g.T, g_g], 1)], 0)
     dist = (dist / dist.max(0, keepdim=True).values.clamp_min(1e-12)).T.contiguous()
@@ -241,42 +436,76 @@ def re_ranking(q_g, q_q, g_g, *, k1: int = 20, k2: int = 6, lambda_value: float 
     near.scatter_(1, rank, True)                                                  # j in top-(k1+1) of i
     recip = near & near.T                                                         # k-reciprocal, R(i, k1)
     kh = min(int(round(k1 / 2)) + 1, n)
-    near_h = torch.zeros(n, n, dtype=torch.bool)
-    near_h.scatter_(1, rank[:, :kh], True)
-    recip_h = near_h & near_h.T                                                   # R(c, k1/2)
+    near.zero_()
+    near.scatter_(1, rank[:, :kh], True)
+    recip_h = near & near.T                                                       # R(c, k1/2)
+    del near
     # Expansion: add R(c, k1/2) for each c in R(i, k1) sharing > 2/3 of it with R(i, k1).
-    cand_mask = recip.gather(1, rank)                                             # (N, kk) c = rank[i, a] in R(i)
-    half_idx = rank[:, :kh]                                                       # members of c's half set
-    half_mask = recip_h.gather(1, half_idx)                                       # (N, kh)
-    ci = rank                                                                     # (N, kk) candidates
-    members = half_idx[ci]                                                        # (N, kk, kh)
-    member_ok = half_mask[ci]                                                     # (N, kk, kh)
+    cand_mask = recip.gather(1, rank)                                             # (N, kk): rank[i, a] in R(i)
+    half_idx = rank[:, :kh]
+    half_mask = recip_h.gather(1, half_idx)                                       # (N, kh): in R(c, k1/2)
+    del recip_h
+    members = half_idx[rank]                                                      # (N, kk, kh)
+    member_ok = half_mask[rank]                                                   # (N, kk, kh)
     in_r = recip.gather(1, members.reshape(n, -1)).reshape(members.shape) & member_ok
-    size_h = member_ok.sum(2)
-    qualifies = cand_mask & (in_r.sum(2).float() > 2.0 / 3.0 * size_h.float())
-    expand = recip.clone()
+    qualifies = cand_mask & (in_r.sum(2).float() > 2.0 / 3.0 * member_ok.sum(2).float())
+    expand = recip
     rows = torch.arange(n).view(n, 1, 1).expand_as(members)
     sel = qualifies.unsqueeze(2) & member_ok
     expand[rows[sel], members[sel]] = True
-    v = torch.where(expand, torch.exp(-dist), torch.zeros(()))
-    v = v / v.sum(1, keepdim=True).clamp_min(1e-12)
+    original = dist[:nq, nq:].clone()
+    v = torch.neg(dist).exp_().mul_(expand)
+    del expand, dist
+    v.div_(v.sum(1, keepdim=True).clamp_min(1e-12))
     if k2 > 1:
         qe = rank[:, :min(k2, n)]
         step = max(1, CHUNK_ELEMENTS // (qe.shape[1] * n))
-        v = torch.cat([v[qe[s:s + step]].mean(1) for s in range(0, n, step)])
-    # Jaccard distance between query rows and gallery rows of V, using V's sparsity.
-    vg = v[nq:]
-    jac = torch.empty(nq, ng)
-    for i in range(nq):
-        nz = v[i].nonzero(as_tuple=True)[0]
-        inter = torch.minimum(vg[:, nz], v[i, nz]).sum(1)
-        jac[i] = 1 - inter / (2 - inter)
-    return (1 - lambda_value) * jac + lambda_value * dist[:nq, nq:]
+        v_qe = torch.empty_like(v)
+        for s in range(0, n, step):
+            v_qe[s:s + step] = v[qe[s:s + step]].mean(1)
+        v = v_qe
+    # Jaccard distance between query rows and gallery rows of V, through V's sparsity:
+    # sum_k min(V[i,k], V[j,k]) only over the k where both are non-zero (an inverted index
+    # over gallery rows, joined with the query rows' non-zeros in bounded pieces).
+    overlap = _min_overlap(v[:nq], v[nq:])
+    jac = 1 - overlap / (2 - overlap)
+    return (1 - lambda_value) * jac + lambda_value * original
 
 
-def rerank_features(qf, qw, gf, gw, *, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> torch.Tensor:
-    """Re-ranked (Q,G) distance from part features and weights (weighted distance blocks)."""
-    if qf.shape[0] + gf.shape[0] > RERANK_MAX_ITEMS:
-        re_ranking(torch.zeros(qf.shape[0], gf.shape[0]), torch.zeros(0, 0), torch.zeros(0, 0))  # raises
+def _min_overlap(vq: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
+    """vq (Q,N), vg (G,N) sparse-ish non-negative float32 -> (Q,G) float32 sum_k min(vq[i,k], vg[j,k])."""
+    nq, ng = vq.shape[0], vg.shape[0]
+    out = torch.zeros(nq * ng)
+    gi, gk = vg.nonzero(as_tuple=True)
+    gk, order = torch.sort(gk, stable=True)
+    gi = gi[order]
+    gval = vg[gi, gk]
+    col_cnt = torch.bincount(gk, minlength=vq.shape[1])
+    col_start = torch.cumsum(col_cnt, 0) - col_cnt
+    qi, qk = vq.nonzero(as_tuple=True)
+    qval = vq[qi, qk]
+    cnt = col_cnt[qk]
+    ends = torch.cumsum(cnt, 0)
+    s = 0
+    while s < qi.numel():
+        # a piece of query entries whose joins hold at most ~CHUNK_ELEMENTS pairs
+        base = int(ends[s - 1]) if s else 0
+        e = max(s + 1, int(torch.searchsorted(ends, base + CHUNK_ELEMENTS, right=True)))
+        c = cnt[s:e]
+        ent = torch.repeat_interleave(torch.arange(s, e), c)
+        off = torch.arange(ent.numel()) - (torch.cumsum(c, 0) - c).repeat_interleave(c)
+        gpos = col_start[qk[ent]] + off
+        out.index_add_(0, qi[ent] * ng + gi[gpos], torch.minimum(qval[ent], gval[gpos]))
+        s = e
+    return out.view(nq, ng)
+
+
+def rerank_features(qf, qw, gf, gw, *, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                    max_items: int | None = None) -> torch.Tensor:
+    """Re-ranked (Q,G) float32 distance from part features qf (Q,P,D), qw (Q,P), gf (G,P,D),
+    gw (G,P): the three weighted-distance blocks, then :func:`re_ranking`. Refuses (before
+    computing anything) past ``max_items`` items."""
+    _check_rerank_size(qf.shape[0], gf.shape[0], max_items)
     return re_ranking(weighted_distance(qf, qw, gf, gw), weighted_distance(qf, qw, qf, qw),
-                      weighted_distance(gf, gw, gf, gw), k1=k1, k2=k2, lambda_value=lambda_value)
+                      weighted_distance(gf, gw, gf, gw), k1=k1, k2=k2, lambda_value=lambda_value,
+                      max_items=max_items)

@@ -218,3 +218,100 @@ def test_fuzz_never_crashes_stays_in_range_and_agrees(data):
         assert res.num_valid_queries == 0
     else:
         assert_matches(res, ref, skipped)
+
+
+# --------------------------------------------------------------------------- both rank paths
+# evaluate.py ranks a query's positives by sorting its short prefix (d <= its farthest
+# positive) or, for a deep positive, by a dense binary search + histogram. Force each.
+PATHS = {"prefix": (math.inf, 10**9), "dense": (0.0, 0)}
+
+
+def _force(path):
+    saved = E.DENSE_FRACTION, E.DENSE_MIN
+    E.DENSE_FRACTION, E.DENSE_MIN = PATHS[path]
+    return saved
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("ap", ["official", "standard"])
+def test_each_rank_path_equals_oracle(path, ap, monkeypatch):
+    monkeypatch.setattr(E, "DENSE_FRACTION", PATHS[path][0])
+    monkeypatch.setattr(E, "DENSE_MIN", PATHS[path][1])
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        dist, qp, gp, qc, gc = random_problem(rng, int(rng.integers(1, 15)), int(rng.integers(1, 50)),
+                                              ties=bool(rng.integers(2)), nans=bool(rng.integers(2)))
+        dist[rng.random(dist.shape) < 0.05] = np.inf
+        ref, skipped = oracle(dist, qp, gp, qc, gc, ap)
+        res = E.evaluate(torch.from_numpy(dist), qp, gp, qc, gc, ap=ap, chunk=int(rng.integers(1, 6)))
+        if ref is None:
+            assert res.num_valid_queries == 0 and res.num_skipped_queries == skipped
+        else:
+            assert_matches(res, ref, skipped)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_fuzz_both_paths_agree_with_oracle(data):
+    q, g = data.draw(st.integers(1, 6)), data.draw(st.integers(0, 30))
+    values = st.one_of(st.sampled_from([0.0, 1.0, -1.0, math.nan, math.inf, -math.inf]), st.floats(-2, 2, width=32))
+    dist = np.array(data.draw(st.lists(values, min_size=q * g, max_size=q * g)), dtype=np.float32).reshape(q, g)
+    qp = np.array(data.draw(st.lists(st.integers(0, 3), min_size=q, max_size=q)))
+    gp = np.array(data.draw(st.lists(st.integers(-1, 3), min_size=g, max_size=g)), dtype=np.int64)
+    qc = np.array(data.draw(st.lists(st.integers(0, 2), min_size=q, max_size=q)))
+    gc = np.array(data.draw(st.lists(st.integers(0, 2), min_size=g, max_size=g)), dtype=np.int64)
+    ref, skipped = oracle(dist, qp, gp, qc, gc, "official")
+    for path in sorted(PATHS):
+        saved = _force(path)
+        try:
+            res = E.evaluate(torch.from_numpy(dist), qp, gp, qc, gc)
+        finally:
+            E.DENSE_FRACTION, E.DENSE_MIN = saved
+        assert res.num_skipped_queries == skipped
+        if ref is not None:
+            assert_matches(res, ref, skipped)
+
+
+def test_mixed_paths_in_one_chunk_and_evaluate_does_not_modify_its_input():
+    rng = np.random.default_rng(2)
+    dist, qp, gp, qc, gc = random_problem(rng, 30, 400, ties=True, nans=True)
+    dist[:5, :] = rng.random((5, 400))  # some rows with deep positives among short ones
+    before = dist.copy()
+    ref, skipped = oracle(dist, qp, gp, qc, gc)
+    res = E.evaluate(torch.from_numpy(dist), qp, gp, qc, gc)
+    assert_matches(res, ref, skipped)
+    np.testing.assert_array_equal(dist, before)
+
+
+def test_max_rank_below_ten_and_format():
+    dist = torch.tensor([[0.1, 0.2, 0.3]])
+    res = E.evaluate(dist, [1], [2, 2, 1], [0], [1, 1, 1], max_rank=2)
+    # the hit is third: Rank-1, Rank-2 = 0; Rank-5 and Rank-10 (beyond max_rank) = 1
+    assert res.cmc.tolist() == [0.0, 0.0] and res.rank5 == 1.0 and res.rank10 == 1.0
+    # official AP: r=2, i=0: old 0/2 = 0, precision 1/3 -> 1/6; standard 1/3; mINP 1/3
+    assert res.mAP == pytest.approx(1 / 6) and res.mINP == pytest.approx(1 / 3)
+    line = res.format()
+    assert line.startswith("Rank-1 0.00% | Rank-5 100.00%") and "AP: official" in line
+    assert res.as_dict()["cmc"] == [0.0, 0.0]
+
+
+def test_weighted_distance_chunked_and_numpy_inputs():
+    g = torch.Generator().manual_seed(4)
+    qf, gf = torch.randn(9, 3, 5, generator=g), torch.randn(7, 3, 5, generator=g)
+    qw, gw = torch.rand(9, 3, generator=g), torch.rand(7, 3, generator=g)
+    full = E.weighted_distance(qf, qw, gf, gw)
+    assert full.dtype == torch.float32 and full.shape == (9, 7)
+    torch.testing.assert_close(E.weighted_distance(qf, qw, gf, gw, chunk=2), full)
+    torch.testing.assert_close(E.weighted_distance(qf.numpy(), qw.numpy(), gf.numpy(), gw.numpy()), full)
+    zero = E.weighted_distance(qf[:1], torch.zeros(1, 3), gf, gw)  # all-zero weights: guarded, distance 1
+    assert torch.isfinite(zero).all() and torch.allclose(zero, torch.ones_like(zero))
+
+
+def test_rerank_refusal_is_a_user_error_and_features_path_refuses_first(monkeypatch):
+    from utils import UserError
+
+    monkeypatch.setattr(E, "weighted_distance", lambda *a, **k: pytest.fail("computed before refusing"))
+    qf = torch.zeros(3, 2, 4)
+    with pytest.raises(UserError, match="3 queries x 9 gallery") as info:
+        E.rerank_features(qf, torch.ones(3, 2), torch.zeros(9, 2, 4), torch.ones(9, 2), max_items=11)
+    assert isinstance(info.value, ValueError) and "without --rerank" in str(info.value)

@@ -1,0 +1,199 @@
+"""Evaluation speed and memory: weighted distance, metrics, total, k-reciprocal re-ranking.
+
+    .venv/bin/python bench/eval_speed.py [--queries 3368] [--gallery 15913] [--repeat 3]
+        [--threads N] [--rerank] [--rerank_only]
+    .venv/bin/python bench/eval_speed.py --gallery 500000          # the scale test
+
+A seeded Market-sized problem: 3,368 queries x 15,913 gallery, 6 parts x 256-d features
+drawn as per-identity part centres plus per-image noise (noise level varies per image and
+per part, so positives land at all ranks), random part weights, pids with ~5% junk (-1)
+and ~15% distractors (0), 6 cameras. Figures (no asserts), medians of ``--repeat`` runs:
+
+  distance   evaluate.weighted_distance, the full (Q,G) float32 matrix
+  metrics    evaluate.evaluate on that matrix: Rank-1/5/10, mAP, mINP (official / standard AP)
+  total      evaluate.evaluate_features: features -> metrics in query chunks (what test.py runs)
+  rerank     (--rerank) evaluate.re_ranking on 500 x 3,000 given the three distance blocks
+
+Each measurement runs in a fresh subprocess; its peak memory is the process's peak RSS
+(VmHWM, reset after the inputs are built) minus its RSS at that point: the extra memory
+the measured call needs. The reference figures we were given (2-core CPU) are printed
+beside ours as ratios: torchreid's Cython evaluator ~3.9 s for CMC+mAP given the distance
++ ~1.8 s for the distance, peak ~1.7 GB; layumi's evaluate_gpu.py on CPU ~27 s; k-reciprocal
+re-ranking ~2.5 s / ~0.5 GB on 500 x 3,000. Targets: total <= 2 s, metrics <= 0.49 s (8x),
+peak extra <= 1 GB; with --gallery 500000: total <= 3 min and peak extra <= 4 GB.
+On a shared CPU absolute figures drift; rerun if they look noisy and compare ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import evaluate  # noqa: E402
+
+REFERENCE = {  # seconds / GiB, 2-core CPU, as given in the performance issue
+    "torchreid_metrics_s": 3.9, "torchreid_distance_s": 1.8, "torchreid_peak_gb": 1.7,
+    "layumi_cpu_s": 27.0, "rerank_s": 2.5, "rerank_peak_gb": 0.5,
+}
+
+
+# --------------------------------------------------------------------------- the problem
+def make_problem(queries: int, gallery: int, parts: int = 6, dim: int = 256, ids: int = 751, cams: int = 6,
+                 seed: int = 0):
+    """Seeded features with identity structure; built in slices so large galleries stay lean."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(ids + 1, parts, dim, generator=g)
+
+    def images(n, pids):
+        f = torch.empty(n, parts, dim)
+        for s in range(0, n, 20_000):
+            e = min(n, s + 20_000)
+            # per image and part: noise from 1.6 (clean) to 4.8 (occluded-looking) x the centre spread
+            level = 1.6 + 3.2 * torch.rand(e - s, parts, 1, generator=g) ** 2
+            f[s:e] = centres[pids[s:e].clamp_min(0)] + level * torch.randn(e - s, parts, dim, generator=g)
+        return f
+
+    q_pids = torch.randint(1, ids + 1, (queries,), generator=g)
+    g_pids = torch.randint(1, ids + 1, (gallery,), generator=g)
+    # Every query identity gets a few gallery images so most queries have matches.
+    g_pids[:min(gallery, queries)] = q_pids[torch.randperm(queries, generator=g)[:min(gallery, queries)]]
+    kind = torch.rand(gallery, generator=g)
+    g_pids[kind < 0.15] = 0                      # distractors
+    g_pids[(kind >= 0.15) & (kind < 0.20)] = -1  # junk
+    q_cams = torch.randint(1, cams + 1, (queries,), generator=g)
+    g_cams = torch.randint(1, cams + 1, (gallery,), generator=g)
+    qf, gf = images(queries, q_pids), images(gallery, g_pids)
+    qw = torch.rand(queries, parts, generator=g) + 0.05
+    gw = torch.rand(gallery, parts, generator=g) + 0.05
+    return qf, qw / qw.sum(1, keepdim=True), gf, gw / gw.sum(1, keepdim=True), q_pids, g_pids, q_cams, g_cams
+
+
+# --------------------------------------------------------------------------- one measurement
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(args) -> None:
+    """Runs one measurement in this (fresh) process and prints one JSON line."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = args.worker
+    if mode == "rerank":
+        qf, qw, gf, gw, *_ = make_problem(500, 3000, seed=1)
+        blocks = (evaluate.weighted_distance(qf, qw, gf, gw), evaluate.weighted_distance(qf, qw, qf, qw),
+                  evaluate.weighted_distance(gf, gw, gf, gw))
+        run = lambda: evaluate.re_ranking(*blocks)  # noqa: E731
+    else:
+        qf, qw, gf, gw, qp, gp, qc, gc = make_problem(args.queries, args.gallery)
+        if mode == "distance":
+            run = lambda: evaluate.weighted_distance(qf, qw, gf, gw)  # noqa: E731
+        elif mode.startswith("metrics"):
+            dist = evaluate.weighted_distance(qf, qw, gf, gw)
+            ap = mode.split("_")[1]
+            run = lambda: evaluate.evaluate(dist, qp, gp, qc, gc, ap=ap)  # noqa: E731
+        elif mode.startswith("total"):
+            ap = mode.split("_")[1]
+            run = lambda: evaluate.evaluate_features(qf, qw, gf, gw, qp, gp, qc, gc, ap=ap)  # noqa: E731
+        else:
+            raise SystemExit(f"unknown mode {mode}")
+    base = _status_kib("VmRSS")
+    exact = _reset_peak()
+    times, out = [], None
+    for _ in range(args.repeat):
+        out = None                                  # the previous result is not part of the peak
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+    peak = _status_kib("VmHWM") - base
+    summary = {}
+    if isinstance(out, evaluate.Result):
+        summary = {"line": evaluate.format_result(out)}
+    print(json.dumps({"mode": mode, "times": times, "median": statistics.median(times), "peak_gib": peak / 2**20,
+                      "peak_exact": exact, "threads": torch.get_num_threads(), **summary}))
+
+
+def measure(args, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, "--queries", str(args.queries), "--gallery",
+           str(args.gallery), "--repeat", str(args.repeat)] + (["--threads", str(args.threads)] if args.threads else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", type=int, default=3368)
+    p.add_argument("--gallery", type=int, default=15913)
+    p.add_argument("--repeat", type=int, default=None, help="runs per figure (default 3; 1 past 100k gallery)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    p.add_argument("--rerank", action="store_true", help="also time re-ranking on 500 x 3,000")
+    p.add_argument("--rerank_only", action="store_true", help="only time re-ranking")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 3 if args.gallery <= 100_000 else 1
+    if args.worker:
+        worker(args)
+        return 0
+    ref = REFERENCE
+    print(f"evaluation speed: {args.queries} queries x {args.gallery} gallery, 6 parts x 256-d, "
+          f"torch {torch.__version__}, {torch.get_num_threads() if not args.threads else args.threads} threads, "
+          f"median of {args.repeat}")
+    if not args.rerank_only:
+        big = args.gallery > 100_000
+        modes = ["total_official"] if big else ["distance", "metrics_official", "metrics_standard",
+                                                "total_official", "total_standard"]
+        rows = {m: measure(args, m) for m in modes}
+        print(f"{'':18s} {'ours s':>8s} {'peak GiB':>9s}   reference")
+        for m, r in rows.items():
+            note = ""
+            if m == "distance":
+                note = f"torchreid distance {ref['torchreid_distance_s']} s -> {ref['torchreid_distance_s'] / r['median']:.1f}x"
+            elif m.startswith("metrics"):
+                note = (f"torchreid Cython CMC+mAP {ref['torchreid_metrics_s']} s -> "
+                        f"{ref['torchreid_metrics_s'] / r['median']:.1f}x (target >= 8x)")
+            elif m.startswith("total") and not big:
+                tr = ref["torchreid_metrics_s"] + ref["torchreid_distance_s"]
+                note = (f"torchreid {tr:.1f} s -> {tr / r['median']:.1f}x; layumi CPU {ref['layumi_cpu_s']} s -> "
+                        f"{ref['layumi_cpu_s'] / r['median']:.0f}x; peak vs {ref['torchreid_peak_gb']} GB "
+                        f"(targets: <= 2 s, <= 1 GiB)")
+            elif big:
+                note = "targets: <= 180 s, peak <= 4 GiB"
+            print(f"{m:18s} {r['median']:8.3f} {r['peak_gib']:9.3f}   {note}")
+        for m, r in rows.items():
+            if "line" in r:
+                print(f"  {m}: {r['line']}")
+                break
+    if args.rerank or args.rerank_only:
+        r = measure(args, "rerank")
+        print(f"{'rerank 500x3000':18s} {r['median']:8.3f} {r['peak_gib']:9.3f}   reference {ref['rerank_s']} s / "
+              f"{ref['rerank_peak_gb']} GB -> {ref['rerank_s'] / r['median']:.1f}x faster, "
+              f"{r['peak_gib'] / ref['rerank_peak_gb']:.2f}x the memory")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
