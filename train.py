@@ -33,8 +33,8 @@ from utils import (UserError, cli, get_logger, close_logger, load_checkpoint, sa
 PRESETS = {
     "paper": {},
     # The built-in synthetic set on a laptop CPU: minutes, not hours.
-    "cpu": dict(backbone="resnet18", pretrained="none", height=128, width=64, epochs=12,
-                batchsize=32, instances=4, lr=0.05, warmup=1, step=9, save_every=0),
+    "cpu": dict(backbone="resnet18", pretrained="none", height=128, width=64, epochs=8,
+                batchsize=32, instances=4, lr=0.05, warmup=1, step=6, save_every=0),
 }
 # Options a --resume may change; everything else comes from the run's opts.yaml.
 RUNTIME_KEYS = ("workers", "device", "epochs", "resume", "overwrite", "runs_dir", "save_every")
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default="awpcn", help="run name: outputs go to RUNS_DIR/NAME")
     g.add_argument("--runs_dir", default="model", help="folder holding run folders")
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
-                   help="paper: 384x128 ResNet-50, 60 epochs; cpu: ResNet-18 128x64, 12 epochs from scratch")
+                   help="paper: 384x128 ResNet-50, 60 epochs; cpu: ResNet-18 128x64, 8 epochs from scratch")
     g.add_argument("--resume", action="store_true", help="continue model/NAME from its last.pt exactly")
     g.add_argument("--overwrite", action="store_true", help="delete an existing model/NAME and start again")
     g.add_argument("--seed", type=int, default=0)
