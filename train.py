@@ -284,6 +284,9 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
                                  seed=seed, rank=rank, world_size=world)
     amp_ctx = (torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
                if opts["amp"] else nullcontext())
+    if opts["amp"] and device.type == "cpu":
+        log.info("note: --amp on a CPU means bf16 autocast, which is many times slower than fp32 on CPUs "
+                 "without AVX-512 BF16; drop --amp unless yours has it")
     loss_kw = dict(label_smoothing=opts["label_smoothing"], fused_weight=opts["fused_weight"],
                    vis_weight=opts["vis_weight"] if opts["head"] == "visibility" else 0.0,
                    triplet_margin=opts["margin"] if opts["triplet"] else None,
@@ -340,9 +343,15 @@ def _epochs(opts, model, net, optimizer, scaler, sampler, train_set, data, histo
             img, vis, label = img.to(device, non_blocking=True), vis.to(device), label.to(device)
             if opts["channels_last"]:
                 img = img.contiguous(memory_format=torch.channels_last)
-            with amp_ctx:
-                out = net(img)
-            loss, terms = awpcn_loss(out, label, vis, **loss_kw)
+            try:
+                with amp_ctx:
+                    out = net(img)
+                loss, terms = awpcn_loss(out, label, vis, **loss_kw)
+            except torch.OutOfMemoryError:
+                raise UserError(
+                    f"out of memory on a batch of {label.shape[0]} images at {opts['height']}x{opts['width']} "
+                    f"(epoch {epoch + 1}, iteration {it + 1}); lower --batchsize (e.g. {opts['batchsize'] // 2}) "
+                    f"or add --amp. {run_dir / 'last.pt'} (epoch {epoch}) is kept") from None
             if not torch.isfinite(loss):
                 raise UserError(
                     f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; stopped. The last "

@@ -171,3 +171,27 @@ def test_demo_and_test_errors_name_what_exists(trained, capsys):
     assert "runs with features: run" in capsys.readouterr().err
     assert test_mod.main(["--name", "nope", "--runs_dir", str(runs)]) == 2
     assert "Runs in" in capsys.readouterr().err
+
+
+def test_checkpoint_from_another_model_is_named(trained, tmp_path):
+    import shutil
+    runs, _ = trained
+    other = tmp_path / "other"
+    shutil.copytree(runs / "run", other)
+    opts = load_yaml(other / "opts.yaml")
+    opts["parts"], opts["backbone"] = 6, "resnet34"
+    from utils import save_yaml
+    save_yaml(other / "opts.yaml", opts)
+    with pytest.raises(UserError) as err:
+        test_mod.load_model(other)
+    msg = str(err.value)
+    assert "does not fit" in msg and "parts 4 (opts.yaml says 6)" in msg and "backbone 'resnet18'" in msg
+
+
+def test_out_of_memory_is_a_clear_message(synthetic_dir, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "awpcn_loss", oom)
+    with pytest.raises(UserError, match=r"out of memory on a batch of 8 images at 64x32.*--batchsize \(e.g. 4\)"):
+        train.train(tiny_opts(synthetic_dir, tmp_path))
