@@ -32,7 +32,7 @@ AP_FORMULAS = {
     "standard": "standard, mean precision at hits",
 }
 # Elements of a (query chunk, G) block: bounds the evaluation's memory (x4 bytes per buffer).
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 25
 # A query whose prefix holds more than this fraction of the gallery is counted densely.
 DENSE_FRACTION = 0.25
 DENSE_MIN = 64
@@ -49,6 +49,17 @@ class RerankTooLarge(UserError, ValueError):
 def _scaled(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """f (N,P,D), w (N,P) -> (N, P*D) float32: each part L2-normalised and scaled by its weight."""
     return (F.normalize(f.float(), dim=-1) * w.float().unsqueeze(-1)).flatten(1)
+
+
+def _scaled_rows(f, w, index: torch.Tensor | None = None, block: int = 16384) -> torch.Tensor:
+    """Like :func:`_scaled` for the rows ``index`` of f (all when None), built block by block
+    into one (N, P*D) float32 tensor: no full-size temporaries beside the result."""
+    n = f.shape[0] if index is None else index.numel()
+    out = torch.empty(n, f.shape[1] * f.shape[2])
+    for s in range(0, n, block):
+        rows = slice(s, s + block) if index is None else index[s:s + block]
+        out[s:s + block] = _scaled(f[rows], w[rows])
+    return out
 
 
 def _distance_block(qs, qw, gs, gw, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +84,7 @@ def weighted_distance(qf, qw, gf, gw, *, chunk: int | None = None) -> torch.Tens
     features x, y: the same ranking as their Euclidean distance.
     """
     qw, gw = torch.as_tensor(qw).float(), torch.as_tensor(gw).float()
-    gs = _scaled(torch.as_tensor(gf), gw)
+    gs = _scaled_rows(torch.as_tensor(gf), gw)
     qf = torch.as_tensor(qf)
     if not chunk or chunk >= qf.shape[0]:
         return _distance_block(_scaled(qf, qw), qw, gs, gw)
@@ -385,9 +396,11 @@ def evaluate_features(qf, qw, gf, gw, q_pids, g_pids, q_cams, g_cams, *, ap: str
     gal = _Gallery(gp, gc)
     gf, gw = torch.as_tensor(gf), torch.as_tensor(gw).float()
     if gal.has_junk:
-        gf, gw = gf[gal.keep_idx], gw[gal.keep_idx]
+        gs = _scaled_rows(gf, gw, gal.keep_idx)             # junk rows never enter the matmul
+        gw = gw[gal.keep_idx]
         gal = gal.without_junk()
-    gs = _scaled(gf, gw)
+    else:
+        gs = _scaled_rows(gf, gw)
     qf, qw = torch.as_tensor(qf), torch.as_tensor(qw).float()
     acc = _Accumulator(max_rank, ap)
     step = _rows_per_chunk(gal.size, chunk)

@@ -7,7 +7,7 @@
 A seeded Market-sized problem: 3,368 queries x 15,913 gallery, 6 parts x 256-d features
 drawn as per-identity part centres plus per-image noise (noise level varies per image and
 per part, so positives land at all ranks), random part weights, pids with ~5% junk (-1)
-and ~15% distractors (0), 6 cameras. Figures (no asserts), medians of ``--repeat`` runs:
+and ~15% distractors (0), 6 cameras; a larger --gallery adds distractors (Market+500k style). Figures (no asserts), medians of ``--repeat`` runs:
 
   distance   evaluate.weighted_distance, the full (Q,G) float32 matrix
   metrics    evaluate.evaluate on that matrix: Rank-1/5/10, mAP, mINP (official / standard AP)
@@ -59,16 +59,21 @@ def make_problem(queries: int, gallery: int, parts: int = 6, dim: int = 256, ids
             e = min(n, s + 20_000)
             # per image and part: noise from 1.6 (clean) to 4.8 (occluded-looking) x the centre spread
             level = 1.6 + 3.2 * torch.rand(e - s, parts, 1, generator=g) ** 2
-            f[s:e] = centres[pids[s:e].clamp_min(0)] + level * torch.randn(e - s, parts, dim, generator=g)
+            centre = centres[pids[s:e].clamp_min(0)]
+            other = pids[s:e] <= 0                       # distractors and junk: people of their own
+            centre[other] = torch.randn(int(other.sum()), parts, dim, generator=g)
+            f[s:e] = centre + level * torch.randn(e - s, parts, dim, generator=g)
         return f
 
     q_pids = torch.randint(1, ids + 1, (queries,), generator=g)
-    g_pids = torch.randint(1, ids + 1, (gallery,), generator=g)
+    # Past Market's 15,913 the gallery grows by distractors only (as Market-1501+500k).
+    g_pids = torch.zeros(gallery, dtype=torch.long)
+    g_pids[:15913] = torch.randint(1, ids + 1, (min(gallery, 15913),), generator=g)
     # Every query identity gets a few gallery images so most queries have matches.
     g_pids[:min(gallery, queries)] = q_pids[torch.randperm(queries, generator=g)[:min(gallery, queries)]]
-    kind = torch.rand(gallery, generator=g)
-    g_pids[kind < 0.15] = 0                      # distractors
-    g_pids[(kind >= 0.15) & (kind < 0.20)] = -1  # junk
+    kind = torch.rand(min(gallery, 15913), generator=g)
+    g_pids[:15913][kind < 0.15] = 0                      # distractors
+    g_pids[:15913][(kind >= 0.15) & (kind < 0.20)] = -1  # junk
     q_cams = torch.randint(1, cams + 1, (queries,), generator=g)
     g_cams = torch.randint(1, cams + 1, (gallery,), generator=g)
     qf, gf = images(queries, q_pids), images(gallery, g_pids)
