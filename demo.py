@@ -84,6 +84,9 @@ def draw(feats: dict, index: int, order, dists, path: Path) -> None:
 def run_demo(args: argparse.Namespace) -> Path:
     run_dir = Path(args.runs_dir) / args.name
     feats = load_features(run_dir)
+    if feats.get("run") != args.name:
+        raise UserError(f"{run_dir / FEATURES_FILE} holds features of run {feats.get('run')!r}, not {args.name!r} "
+                        f"(copied from another run?); rewrite it with python test.py --name {args.name}")
     nq = len(feats["query"]["paths"])
     if not 0 <= args.query_index < nq:
         raise UserError(f"--query_index {args.query_index}: out of range; {run_dir / FEATURES_FILE} "

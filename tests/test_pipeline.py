@@ -66,23 +66,25 @@ def test_resume_reproduces_an_uninterrupted_run(synthetic_dir, tmp_path, trained
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spike,amp", [(float("nan"), False), (float("inf"), True)])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synthetic_dir, tmp_path, monkeypatch, spike, amp):
     real = train.awpcn_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, terms = real(*args, **kwargs)
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] > steps_per_epoch else loss), terms
+        return (loss * spike if calls["n"] > steps_per_epoch else loss), terms
 
-    opts = tiny_opts(synthetic_dir, tmp_path)
+    opts = tiny_opts(synthetic_dir, tmp_path, "run", *(["--amp"] if amp else []))
     import datasets
     data = datasets.load_dataset(synthetic_dir, log=lambda *a: None)
     steps_per_epoch = len(datasets.PKSampler([l for _, l, _ in data.train], 4, 2))
     monkeypatch.setattr(train, "awpcn_loss", poisoned)
-    with pytest.raises(UserError, match=r"loss is nan at epoch 2, iteration 1.*last\.pt \(epoch 1\)"):
+    with pytest.raises(UserError, match=rf"loss is {spike} at epoch 2, iteration 1.*last\.pt \(epoch 1\)"):
         train.train(opts)
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_help_documents_every_flag_of_the_interface():
@@ -169,6 +171,10 @@ def test_demo_and_test_errors_name_what_exists(trained, capsys):
     assert "out of range" in capsys.readouterr().err
     assert demo.main(["--name", "nope", "--runs_dir", str(runs), "--query_index", "0"]) == 2
     assert "runs with features: run" in capsys.readouterr().err
+    import shutil
+    shutil.copytree(runs / "run", runs / "copy")
+    assert demo.main(["--name", "copy", "--runs_dir", str(runs), "--query_index", "0"]) == 2
+    assert "features of run 'run', not 'copy'" in capsys.readouterr().err
     assert test_mod.main(["--name", "nope", "--runs_dir", str(runs)]) == 2
     assert "Runs in" in capsys.readouterr().err
 
