@@ -52,7 +52,8 @@ def test_parent_folder_is_resolved_and_named(tmp_path):
     assert "train    |     1 |        1 |         1" in said[1]
 
 
-@pytest.mark.parametrize("case", ["missing", "layout", "name", "empty_file", "not_image", "empty_split"])
+@pytest.mark.parametrize("case", ["missing", "layout", "name", "empty_file", "not_image", "empty_split",
+                                  "symlink_loop"])
 def test_bad_input_names_the_path(tmp_path, case):
     ok = {TRAIN: ["0001_c1s1_000001_00.jpg"], QUERY: ["0002_c1s1_000002_00.jpg"], GALLERY: ["0002_c2s1_000003_00.jpg"]}
     root = tmp_path / "ds"
@@ -62,6 +63,10 @@ def test_bad_input_names_the_path(tmp_path, case):
            "not_image": root / GALLERY / "notes.txt"}.get(case)
     if bad is not None:
         bad.write_bytes(b"" if case == "empty_file" else b"x")
+    if case == "symlink_loop":
+        bad = root / TRAIN / "0005_c1s1_000010_00.jpg"
+        bad.symlink_to(root / TRAIN / "0006_c1s1_000011_00.jpg")
+        (root / TRAIN / "0006_c1s1_000011_00.jpg").symlink_to(bad)
     if case == "layout":
         (root / QUERY).rename(root / "queries")
     if case == "empty_split":
@@ -71,7 +76,8 @@ def test_bad_input_names_the_path(tmp_path, case):
         D.load_dataset(root, log=lambda *_: None)
     msg = str(err.value)
     expect = {"missing": "no such folder", "layout": "missing query/", "name": "PID_cCAM",
-              "empty_file": "empty file (0 bytes)", "not_image": "not an image", "empty_split": "no usable images"}
+              "empty_file": "empty file (0 bytes)", "not_image": "not an image", "empty_split": "no usable images",
+              "symlink_loop": "symbolic links"}
     assert expect[case] in msg
     assert str(bad if bad is not None else root) in msg
 

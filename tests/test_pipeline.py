@@ -201,3 +201,13 @@ def test_out_of_memory_is_a_clear_message(synthetic_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "awpcn_loss", oom)
     with pytest.raises(UserError, match=r"out of memory on a batch of 8 images at 64x32.*--batchsize \(e.g. 4\)"):
         train.train(tiny_opts(synthetic_dir, tmp_path))
+
+
+def test_resume_on_a_changed_dataset_names_the_difference(tmp_path):
+    import prepare
+    data = tmp_path / "data"
+    prepare.make_synthetic(data, ids=16, seed=1)
+    train.train(tiny_opts(data, tmp_path / "runs"), stop_after_epoch=1)
+    prepare.make_synthetic(data, ids=20, seed=1, overwrite=True)
+    with pytest.raises(UserError, match="10 training ids that differ from the 8 the run was started with"):
+        train.train(tiny_opts(data, tmp_path / "runs", "run", "--resume"))
