@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 import datasets
-from utils import UserError, atomic_write_text, cli
+from utils import UserError, cli
 
 HEIGHT, WIDTH, CAMERAS, BANDS = 128, 64, 6, 6
 PALETTE = np.array([[200, 40, 40], [40, 150, 60], [40, 70, 190], [225, 200, 50], [240, 240, 235],

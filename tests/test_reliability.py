@@ -1,5 +1,4 @@
 """Interrupted runs lose at most one epoch; kills never leave half-written checkpoints."""
-import os
 import signal
 import subprocess
 import sys

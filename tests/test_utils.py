@@ -1,6 +1,5 @@
 """utils.py: atomic writes, safe checkpoint loading, device selection, the cli wrapper."""
 import errno
-import os
 
 import pytest
 import torch
