@@ -9,12 +9,14 @@ Under torchrun it trains with DistributedDataParallel; only rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -297,15 +299,19 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
                  f"{len(sampler)} steps/epoch of {opts['batchsize']} images, epochs {start_epoch + 1}..{opts['epochs']}")
 
     last_epoch = opts["epochs"] if stop_after_epoch is None else min(opts["epochs"], stop_after_epoch)
-    progress = {"epoch": start_epoch, "iteration": 0}
+    loop = _Loop(opts, model, net, optimizer, scaler, use_cuda_amp, sampler, train_set, data, history,
+                 device, world, rank, run_dir, log, amp_ctx, loss_kw, epoch=start_epoch)
     try:
-        _epochs(opts, model, net, optimizer, scaler, sampler, train_set, data, history, progress,
-                start_epoch, last_epoch, device, world, rank, run_dir, log, amp_ctx, loss_kw, use_cuda_amp)
+        for epoch in range(start_epoch, last_epoch):
+            record = _train_epoch(loop, epoch)
+            history.append(record)
+            if main_proc:
+                _end_epoch(loop, epoch, record)
     except KeyboardInterrupt:
         if main_proc:
             # Mid-epoch weights for inspection (test.py --which interrupted); exact resumption
             # restarts the interrupted epoch from last.pt.
-            save_checkpoint({"epoch": progress["epoch"], "iteration": progress["iteration"],  # completed + partial
+            save_checkpoint({"epoch": loop.epoch, "iteration": loop.iteration,  # completed + partial
                              "model": model.state_dict(), "opts": opts, "train_pids": data.train_pids,
                              "history": history}, run_dir / "interrupted.pt")
         raise
@@ -315,90 +321,118 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
     return {"run_dir": run_dir, "history": history}
 
 
-def _epochs(opts, model, net, optimizer, scaler, sampler, train_set, data, history, progress,
-            start_epoch, last_epoch, device, world, rank, run_dir, log, amp_ctx, loss_kw, use_cuda_amp):
-    main_proc, seed, head_lr = rank == 0, opts["seed"], opts["lr"]
-    for epoch in range(start_epoch, last_epoch):
-        progress["epoch"] = epoch
-        # Every random draw of an epoch derives from (seed, epoch, rank): resuming at an
-        # epoch boundary replays exactly what an uninterrupted run would have done.
-        torch.manual_seed(seed * 1_000_003 + epoch * 101 + rank)
-        sampler.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=opts["workers"],
-                            pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
-                            generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        factor = lr_factor(epoch, opts)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        net.train()
-        sums, count, correct, wait, t0 = {}, 0, 0, 0.0, time.perf_counter()
-        # A live bar on a terminal; in logs and CI the per-epoch line below says it all.
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{opts['epochs']}",
-                   disable=not (main_proc and sys.stderr.isatty()),
-                   dynamic_ncols=True, leave=False, mininterval=1.0)
-        t_ready = time.perf_counter()
-        for it, (img, vis, label, _cam) in enumerate(bar):
-            wait += time.perf_counter() - t_ready
-            progress["iteration"] = it
-            img, vis, label = img.to(device, non_blocking=True), vis.to(device), label.to(device)
-            if opts["channels_last"]:
-                img = img.contiguous(memory_format=torch.channels_last)
-            try:
-                with amp_ctx:
-                    out = net(img)
-                loss, terms = awpcn_loss(out, label, vis, **loss_kw)
-            except torch.OutOfMemoryError:
-                raise UserError(
-                    f"out of memory on a batch of {label.shape[0]} images at {opts['height']}x{opts['width']} "
-                    f"(epoch {epoch + 1}, iteration {it + 1}); lower --batchsize (e.g. {opts['batchsize'] // 2}) "
-                    f"or add --amp. {run_dir / 'last.pt'} (epoch {epoch}) is kept") from None
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; stopped. The last "
-                    f"good checkpoint {run_dir / 'last.pt'} (epoch {epoch}) is kept. Lower --lr "
-                    "or turn off --amp, then train again (--resume continues from that checkpoint)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = label.shape[0]
-            count += n
-            correct += int((out["fused"].argmax(1) == label).sum())
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() * n
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{correct / count:.3f}",
-                            lr=f"{head_lr * factor:.2g}", ips=f"{count * world / elapsed:.1f}",
-                            wait=f"{100 * wait / elapsed:.0f}%")
-            t_ready = time.perf_counter()
-        bar.close()
-        stats = torch.tensor([count, correct, *[sums[k] for k in sorted(sums)]], dtype=torch.float64)
-        if world > 1:
-            stats = stats.to(device)
-            dist.all_reduce(stats)
-            stats = stats.cpu()
+@dataclass
+class _Loop:
+    """What one training process carries from epoch to epoch; ``epoch``/``iteration`` say where
+    it is (completed epochs, iteration within the current one) for an interruption to record."""
+    opts: dict
+    model: AWPCN
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_cuda_amp: bool
+    sampler: datasets.PKSampler
+    train_set: datasets.ImageDataset
+    data: datasets.ReIDData
+    history: list
+    device: torch.device
+    world: int
+    rank: int
+    run_dir: Path
+    log: logging.Logger
+    amp_ctx: object  # autocast, or a null context without --amp
+    loss_kw: dict
+    epoch: int = 0
+    iteration: int = 0
+
+
+def _train_epoch(loop: _Loop, epoch: int) -> dict:
+    """One epoch of SGD; returns its history record (means over all processes)."""
+    opts, device, world = loop.opts, loop.device, loop.world
+    seed, head_lr = opts["seed"], opts["lr"]
+    loop.epoch = epoch
+    # Every random draw of an epoch derives from (seed, epoch, rank): resuming at an
+    # epoch boundary replays exactly what an uninterrupted run would have done.
+    torch.manual_seed(seed * 1_000_003 + epoch * 101 + loop.rank)
+    loop.sampler.set_epoch(epoch)
+    loader = DataLoader(loop.train_set, batch_sampler=loop.sampler, num_workers=opts["workers"],
+                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                        generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    factor = lr_factor(epoch, opts)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    loop.net.train()
+    sums, count, correct, wait, t0 = {}, 0, 0, 0.0, time.perf_counter()
+    # A live bar on a terminal; in logs and CI the per-epoch line says it all.
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{opts['epochs']}",
+               disable=not (loop.rank == 0 and sys.stderr.isatty()),
+               dynamic_ncols=True, leave=False, mininterval=1.0)
+    t_ready = time.perf_counter()
+    for it, (img, vis, label, _cam) in enumerate(bar):
+        wait += time.perf_counter() - t_ready
+        loop.iteration = it
+        img, vis, label = img.to(device, non_blocking=True), vis.to(device), label.to(device)
+        if opts["channels_last"]:
+            img = img.contiguous(memory_format=torch.channels_last)
+        try:
+            with loop.amp_ctx:
+                out = loop.net(img)
+            loss, terms = awpcn_loss(out, label, vis, **loop.loss_kw)
+        except torch.OutOfMemoryError:
+            raise UserError(
+                f"out of memory on a batch of {label.shape[0]} images at {opts['height']}x{opts['width']} "
+                f"(epoch {epoch + 1}, iteration {it + 1}); lower --batchsize (e.g. {opts['batchsize'] // 2}) "
+                f"or add --amp. {loop.run_dir / 'last.pt'} (epoch {epoch}) is kept") from None
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; stopped. The last "
+                f"good checkpoint {loop.run_dir / 'last.pt'} (epoch {epoch}) is kept. Lower --lr "
+                "or turn off --amp, then train again (--resume continues from that checkpoint)")
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        n = label.shape[0]
+        count += n
+        correct += int((out["fused"].argmax(1) == label).sum())
+        sums["loss"] = sums.get("loss", 0.0) + loss.item() * n
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
         elapsed = time.perf_counter() - t0
-        total = stats[0].item()
-        record = {"epoch": epoch + 1, "lr": head_lr * factor, "acc": stats[1].item() / total,
-                  **{k: stats[2 + i].item() / total for i, k in enumerate(sorted(sums))},
-                  "images_per_s": total / elapsed, "data_wait": wait / elapsed, "seconds": elapsed}
-        history.append(record)
-        if main_proc:
-            ckpt = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if use_cuda_amp else None, "history": history,
-                    "opts": opts, "train_pids": data.train_pids}
-            save_checkpoint(ckpt, run_dir / "last.pt")
-            progress["epoch"], progress["iteration"] = epoch + 1, 0  # completed epochs
-            if opts["save_every"] and (epoch + 1) % opts["save_every"] == 0:
-                save_checkpoint(ckpt, run_dir / f"epoch_{epoch + 1:03d}.pt")
-            plot_history(history, run_dir / "train.jpg")
-            log.info(" | ".join([f"epoch {epoch + 1}/{opts['epochs']}",
-                                 *(f"{k} {record[k]:.4f}" for k in ("loss", "part_ce", "fused_ce", "vis_bce", "triplet")
-                                   if k in record),
-                                 f"acc {100 * record['acc']:.1f}%", f"lr {record['lr']:.3g}",
-                                 f"{record['images_per_s']:.1f} img/s",
-                                 f"data wait {100 * record['data_wait']:.0f}%"]))
+        bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{correct / count:.3f}",
+                        lr=f"{head_lr * factor:.2g}", ips=f"{count * world / elapsed:.1f}",
+                        wait=f"{100 * wait / elapsed:.0f}%")
+        t_ready = time.perf_counter()
+    bar.close()
+    stats = torch.tensor([count, correct, *[sums[k] for k in sorted(sums)]], dtype=torch.float64)
+    if world > 1:
+        stats = stats.to(device)
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+    elapsed = time.perf_counter() - t0
+    total = stats[0].item()
+    return {"epoch": epoch + 1, "lr": head_lr * factor, "acc": stats[1].item() / total,
+            **{k: stats[2 + i].item() / total for i, k in enumerate(sorted(sums))},
+            "images_per_s": total / elapsed, "data_wait": wait / elapsed, "seconds": elapsed}
+
+
+def _end_epoch(loop: _Loop, epoch: int, record: dict) -> None:
+    """Rank 0 after an epoch: last.pt (and a periodic copy), train.jpg, the log line."""
+    opts, run_dir = loop.opts, loop.run_dir
+    ckpt = {"epoch": epoch + 1, "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+            "scaler": loop.scaler.state_dict() if loop.use_cuda_amp else None, "history": loop.history,
+            "opts": opts, "train_pids": loop.data.train_pids}
+    save_checkpoint(ckpt, run_dir / "last.pt")
+    loop.epoch, loop.iteration = epoch + 1, 0  # completed epochs
+    if opts["save_every"] and (epoch + 1) % opts["save_every"] == 0:
+        save_checkpoint(ckpt, run_dir / f"epoch_{epoch + 1:03d}.pt")
+    plot_history(loop.history, run_dir / "train.jpg")
+    loop.log.info(" | ".join([f"epoch {epoch + 1}/{opts['epochs']}",
+                              *(f"{k} {record[k]:.4f}" for k in ("loss", "part_ce", "fused_ce", "vis_bce", "triplet")
+                                if k in record),
+                              f"acc {100 * record['acc']:.1f}%", f"lr {record['lr']:.3g}",
+                              f"{record['images_per_s']:.1f} img/s",
+                              f"data wait {100 * record['data_wait']:.0f}%"]))
 
 
 @cli
