@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from utils import atomic_write_text, cli, load_features  # noqa: E402
+from utils import UserError, atomic_write_text, cli, load_features  # noqa: E402
 
 VARIANTS = {
     "global": ["--parts", "1", "--weighting", "uniform"],
@@ -72,6 +72,19 @@ def occlusion_report(feats: dict, data_root: Path) -> dict | None:
             "stripes_of_clean_images": mean(clean)}
 
 
+def metrics_from_features(feats: dict, weighting: str, keep: torch.Tensor | None = None) -> dict:
+    """Metrics of saved features (``keep``: a boolean mask over queries), with the learned or
+    uniform part weights."""
+    q, g = feats["query"], feats["gallery"]
+    keep = torch.ones(len(q["pids"]), dtype=torch.bool) if keep is None else keep
+    qw, gw = q["weights"][keep], g["weights"]
+    if weighting == "uniform":
+        qw, gw = torch.full_like(qw, 1 / qw.shape[1]), torch.full_like(gw, 1 / gw.shape[1])
+    res = evaluate.evaluate_features(q["emb"][keep], qw, g["emb"], gw, q["pids"][keep], g["pids"],
+                                     q["cams"][keep], g["cams"])
+    return {m: float(res[m]) for m in METRICS}
+
+
 def occluded_query_metrics(feats: dict, data_root: Path, weighting: str) -> dict | None:
     """Metrics over the queries that the generator occluded (None without ground truth)."""
     gt_file = data_root / "occlusion.json"
@@ -83,12 +96,7 @@ def occluded_query_metrics(feats: dict, data_root: Path, weighting: str) -> dict
                          for p in q["paths"]])
     if not keep.any():
         return None
-    qw, gw = q["weights"][keep], g["weights"]
-    if weighting == "uniform":
-        qw, gw = torch.full_like(qw, 1 / qw.shape[1]), torch.full_like(gw, 1 / gw.shape[1])
-    res = evaluate.evaluate_features(q["emb"][keep], qw, g["emb"], gw, q["pids"][keep], g["pids"],
-                                     q["cams"][keep], g["cams"])
-    return {m: float(res[m]) for m in METRICS}
+    return metrics_from_features(feats, weighting, keep)
 
 
 def run_one(variant: str, seed: int, args, test_mod) -> dict:
@@ -96,32 +104,72 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
     runs_dir = Path(args.out) / "runs"
     done = runs_dir / name / "bench.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        made = (record.get("preset", args.preset), record.get("train_args", args.train_args))
+        if made != (args.preset, args.train_args):
+            raise UserError(f"{done}: this run was made with preset {made[0]!r} and train.py flags {made[1]}, "
+                            f"not {args.preset!r} and {args.train_args}; pass the same flags or another --out")
+        return record
     t0 = time.perf_counter()
     opts = train.parse_opts(["--data_dir", args.data_dir, "--runs_dir", str(runs_dir), "--name", name,
                              "--preset", args.preset, "--seed", str(seed), "--overwrite",
                              *VARIANTS[variant], *args.train_args])
     train.train(opts)
     t_train = time.perf_counter() - t0
-    record = {"variant": variant, "seed": seed, "train_seconds": t_train}
-    evals = [("learned", None)] if variant != "awpcn" else [("learned", None), ("uniform_at_test", "uniform")]
+    record = {"variant": variant, "seed": seed, "train_seconds": t_train, "preset": args.preset,
+              "train_args": args.train_args}
+    # One extraction per run: the uniform-at-test ablation reuses the saved features (the part
+    # embeddings do not depend on the weighting; only the weights are replaced).
+    targs = ["--name", name, "--runs_dir", str(runs_dir), "--workers", str(args.workers)]
+    res = test_mod.run_test(test_mod.build_parser().parse_args(targs))["plain"]
+    record["learned"] = {m: float(res[m]) for m in METRICS}
+    feats = load_features(runs_dir / name)
+    root = Path(feats["data_root"])
+    evals = [("learned", opts["weighting"])] + ([("uniform_at_test", "uniform")] if variant == "awpcn" else [])
     for label, weighting in evals:
-        targs = ["--name", name, "--runs_dir", str(runs_dir), "--workers", str(args.workers)]
-        if weighting:
-            targs += ["--weighting", weighting]
-        res = test_mod.run_test(test_mod.build_parser().parse_args(targs))["plain"]
-        record[label] = {m: float(res[m]) for m in METRICS}
-        feats = load_features(runs_dir / name)
-        root = Path(feats["data_root"])
-        occ_q = occluded_query_metrics(feats, root, weighting or opts["weighting"])
+        if label != "learned":
+            record[label] = metrics_from_features(feats, weighting)
+        occ_q = occluded_query_metrics(feats, root, weighting)
         if occ_q:
             record[label + "_occluded_queries"] = occ_q
-        if label == "learned" and variant == "awpcn":
-            rep = occlusion_report(feats, root)
-            if rep:
-                record["weights"] = rep
+    if variant == "awpcn":
+        rep = occlusion_report(feats, root)
+        if rep:
+            record["weights"] = rep
     atomic_write_text(done, json.dumps(record, indent=1))
     return record
+
+
+def finished_runs(args) -> list[dict]:
+    """Records of OUT's finished runs made with this preset and these train.py flags, in
+    (seed, variant) order; runs of another configuration are left out, and said so."""
+    records, other = [], []
+    for f in sorted((Path(args.out) / "runs").glob("*/bench.json")):
+        r = json.loads(f.read_text())
+        same = r.get("preset", args.preset) == args.preset and r.get("train_args", args.train_args) == args.train_args
+        (records if same and r["variant"] in args.variants else other).append(r)
+    if other:
+        print(f"left out {len(other)} finished runs of other variants or flags: "
+              + ", ".join(f"{r['variant']}_s{r['seed']}" for r in other))
+    order = list(VARIANTS)
+    return sorted(records, key=lambda r: (r["seed"], order.index(r["variant"])))
+
+
+def paired_difference(records: list[dict], key: str) -> str | None:
+    """'AWPCN − PCB' in mAP and Rank-1 points over the seeds that have both, or None."""
+    by = {(r["variant"], r["seed"]): r for r in records if key in r}
+    seeds = sorted(s for v, s in by if v == "awpcn" and ("pcb", s) in by)
+    if not seeds:
+        return None
+    d = {m: [by["awpcn", s][key][m] - by["pcb", s][key][m] for s in seeds] for m in ("mAP", "rank1")}
+    return (f"AWPCN − PCB, paired by seed ({','.join(map(str, seeds))}): mAP {_signed(d['mAP'])}, "
+            f"Rank-1 {_signed(d['rank1'])} points.")
+
+
+def _signed(values) -> str:
+    values = [100 * v for v in values]
+    mean = statistics.mean(values)
+    return f"{mean:+.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
 def _ms(values) -> str:
@@ -135,20 +183,24 @@ def markdown(records: list[dict], args) -> str:
     rows = [("global (P=1)", "global", "learned"), ("PCB (P=6, uniform)", "pcb", "learned"),
             ("AWPCN (P=6, adaptive)", "awpcn", "learned"),
             ("AWPCN checkpoint, uniform weights at test", "awpcn", "uniform_at_test")]
-    seeds = sorted({r["seed"] for r in records})
-    out = [f"Dataset `{args.data_dir}`, preset `{args.preset}` {' '.join(args.train_args)}, "
-           f"seeds {seeds}; mean ± std over seeds, AP formula: official.", ""]
+    flags = f" {' '.join(args.train_args)}" if args.train_args else ""
+    out = [f"Dataset `{args.data_dir}`, preset `{args.preset}`{flags}; mean ± std over the seeds listed, "
+           "AP formula: official.", ""]
     for suffix, title in (("", "all queries"), ("_occluded_queries", "occluded queries only")):
-        got = [r for r in records if (r.get("learned" + suffix) if r["variant"] != "awpcn"
-                                      else r.get("learned" + suffix))]
-        if not got:
+        if not any("learned" + suffix in r for r in records):
             continue
-        out += [f"**{title}**", "", "| variant | Rank-1 | Rank-5 | mAP | mINP |", "| --- | --- | --- | --- | --- |"]
+        out += [f"**{title}**", "", "| variant | seeds | Rank-1 | Rank-5 | mAP | mINP |",
+                "| --- | --- | --- | --- | --- | --- |"]
         for label, variant, key in rows:
-            rs = [r[key + suffix] for r in records if r["variant"] == variant and (key + suffix) in r]
+            rs = [r for r in records if r["variant"] == variant and (key + suffix) in r]
             if rs:
-                out.append(f"| {label} | " + " | ".join(_ms([x[m] for x in rs]) for m in METRICS) + " |")
+                seeds_txt = ",".join(str(r["seed"]) for r in rs)
+                out.append(f"| {label} | {seeds_txt} | "
+                           + " | ".join(_ms([r[key + suffix][m] for r in rs]) for m in METRICS) + " |")
         out.append("")
+        diff = paired_difference(records, "learned" + suffix)
+        if diff:
+            out += [diff, ""]
     ws = [r["weights"] for r in records if "weights" in r]
     if ws:
         out += ["**AWPCN learned part weights × P (1.0 = uniform)**", "",
@@ -175,15 +227,23 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--report", action="store_true",
+                    help="train nothing: tabulate every finished run in OUT made with these train.py flags")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra train.py flags for every run")
     args = ap.parse_args(argv)
     args.train_args = [a for a in args.train_args if a != "--"]
-    test_mod = _test_module()
-    records = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            print(f"=== {variant} seed {seed}", flush=True)
-            records.append(run_one(variant, seed, args, test_mod))
+    if args.report:
+        records = finished_runs(args)
+        if not records:
+            raise UserError(f"{args.out}: no finished run made with preset {args.preset!r} and train.py flags "
+                            f"{args.train_args}; run without --report first")
+    else:
+        test_mod = _test_module()
+        records = []
+        for seed in args.seeds:
+            for variant in args.variants:
+                print(f"=== {variant} seed {seed}", flush=True)
+                records.append(run_one(variant, seed, args, test_mod))
     text = markdown(records, args)
     atomic_write_text(Path(args.out) / "results.md", text)
     atomic_write_text(Path(args.out) / "results.json", json.dumps(records, indent=1))

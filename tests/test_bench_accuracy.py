@@ -1,4 +1,5 @@
 """Smoke run of bench/accuracy.py at a tiny size: the table it writes has every variant."""
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -6,14 +7,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
+def _bench():
     spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
+    bench = _bench()
     out = tmp_path / "out"
-    rc = bench.main(["--data_dir", str(synthetic_dir), "--out", str(out), "--seeds", "0", "--workers", "0",
-                     "--", "--epochs", "1", "--height", "64", "--width", "32", "--batchsize", "8",
-                     "--instances", "2", "--workers", "0", "--embed_dim", "16"])
+    base = ["--data_dir", str(synthetic_dir), "--out", str(out), "--workers", "0"]
+    tiny = ["--", "--epochs", "1", "--height", "64", "--width", "32", "--batchsize", "8",
+            "--instances", "2", "--workers", "0", "--embed_dim", "16"]
+    rc = bench.main([*base, "--seeds", "0", *tiny])
     assert rc == 0
     table = (out / "results.md").read_text()
     for row in ("global (P=1)", "PCB (P=6, uniform)", "AWPCN (P=6, adaptive)", "uniform weights at test",
@@ -22,8 +29,32 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     records = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in records] == ["global", "pcb", "awpcn"]
     assert all(0 <= r["learned"]["mAP"] <= 1 for r in records)
-    # A second call reuses the finished runs instead of training again.
+    assert "AWPCN − PCB, paired by seed (0): mAP " in table
+    # A second call reuses the finished runs instead of training again...
     before = (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns
-    bench.main(["--data_dir", str(synthetic_dir), "--out", str(out), "--seeds", "0", "--workers", "0",
-                "--variants", "pcb"])
+    assert bench.main([*base, "--seeds", "0", "--variants", "pcb", *tiny]) == 0
     assert (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns == before
+    # ...but never one made with other flags,
+    capsys.readouterr()
+    assert bench.main([*base, "--seeds", "0", "--variants", "pcb", "--", "--epochs", "2"]) == 2
+    assert "pcb_s0/bench.json: this run was made with preset 'cpu' and train.py flags" in capsys.readouterr().err
+    # and --report tabulates every finished run without training.
+    (out / "results.md").unlink()
+    assert bench.main([*base, "--report", *tiny]) == 0
+    assert "| PCB (P=6, uniform) | 0 |" in (out / "results.md").read_text()
+    assert bench.main([*base, "--report"]) == 2
+    assert "no finished run made with preset 'cpu' and train.py flags []" in capsys.readouterr().err
+
+
+def test_table_reports_paired_seeds_and_their_spread():
+    bench = _bench()
+    rec = lambda v, s, m: {"variant": v, "seed": s, "train_seconds": 60.0,  # noqa: E731
+                           "learned": {"rank1": m + 0.2, "rank5": m + 0.3, "mAP": m, "mINP": m / 2}}
+    records = [rec("pcb", 0, 0.50), rec("awpcn", 0, 0.55), rec("pcb", 1, 0.40), rec("awpcn", 1, 0.47),
+               rec("global", 0, 0.30)]
+    args = argparse.Namespace(data_dir="d", preset="cpu", train_args=[])
+    text = bench.markdown(records, args)
+    assert "| PCB (P=6, uniform) | 0,1 | 65.0 ± 7.1 | 75.0 ± 7.1 | 45.0 ± 7.1 | 22.5 ± 3.5 |" in text
+    assert "| global (P=1) | 0 | 50.0 | 60.0 | 30.0 | 15.0 |" in text
+    # Differences are paired by seed: +5 and +7 points.
+    assert "AWPCN − PCB, paired by seed (0,1): mAP +6.0 ± 1.4, Rank-1 +6.0 ± 1.4 points." in text
