@@ -5,9 +5,10 @@
 
 Variants: (a) global = one stripe (P=1), (b) PCB = P=6 uniform weights, (c) AWPCN = P=6
 adaptive weights; the AWPCN checkpoint is also evaluated with uniform weights (test-time
-ablation). Prints and writes OUT/results.md (mean ± std over seeds) and OUT/results.json
-(every run). Finished runs are reused, so an interrupted benchmark continues where it
-stopped. On a dataset with OUT_DIR/occlusion.json (the synthetic set) it also reports the
+ablation). Prints and writes OUT/results.md (mean ± std over seeds), OUT/results.json
+(every run) and OUT/curves.png (training curves). Finished runs are reused, so an
+interrupted benchmark continues where it stopped; --report tabulates them without
+training. On a dataset with OUT_DIR/occlusion.json (the synthetic set) it also reports the
 mean learned weight of occluded and of visible stripes, and metrics on occluded queries.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from utils import UserError, atomic_write_text, cli, load_features  # noqa: E402
+from utils import UserError, atomic_write_text, cli, load_checkpoint, load_features, save_figure  # noqa: E402
 
 VARIANTS = {
     "global": ["--parts", "1", "--weighting", "uniform"],
@@ -172,6 +173,34 @@ def _signed(values) -> str:
     return f"{mean:+.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
+def plot_curves(records: list[dict], runs_dir: Path, path: Path) -> None:
+    """Training curves of every run (part CE and fused-logit accuracy per epoch), one colour per
+    variant, read from each run's last.pt history."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"global": "tab:gray", "pcb": "tab:blue", "awpcn": "tab:red"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    labelled = set()
+    for r in records:
+        ckpt = runs_dir / f"{r['variant']}_s{r['seed']}" / "last.pt"
+        if not ckpt.is_file():
+            continue
+        hist = load_checkpoint(ckpt)["history"]
+        ep = [h["epoch"] for h in hist]
+        label = None if r["variant"] in labelled else r["variant"]
+        labelled.add(r["variant"])
+        ax1.plot(ep, [h["part_ce"] for h in hist], color=colours[r["variant"]], marker="o", ms=3, label=label)
+        ax2.plot(ep, [100 * h["acc"] for h in hist], color=colours[r["variant"]], marker="o", ms=3, label=label)
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("mean per-part cross-entropy"), ax1.grid(alpha=0.3), ax1.legend()
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("train accuracy of fused logits (%)"), ax2.grid(alpha=0.3)
+    fig.suptitle("training curves, one line per seed", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=90)
+    plt.close(fig)
+
+
 def _ms(values) -> str:
     values = [100 * v for v in values]
     if len(values) == 1:
@@ -247,6 +276,7 @@ def main(argv=None) -> int:
     text = markdown(records, args)
     atomic_write_text(Path(args.out) / "results.md", text)
     atomic_write_text(Path(args.out) / "results.json", json.dumps(records, indent=1))
+    plot_curves(records, Path(args.out) / "runs", Path(args.out) / "curves.png")
     print(text)
     return 0
 

@@ -30,6 +30,7 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     assert [r["variant"] for r in records] == ["global", "pcb", "awpcn"]
     assert all(0 <= r["learned"]["mAP"] <= 1 for r in records)
     assert "AWPCN − PCB, paired by seed (0): mAP " in table
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second call reuses the finished runs instead of training again...
     before = (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns
     assert bench.main([*base, "--seeds", "0", "--variants", "pcb", *tiny]) == 0
