@@ -25,9 +25,7 @@ def rank_gallery(feats: dict, index: int, topk: int, weighting: str):
     Returns (gallery indices (k,), distances (k,)).
     """
     q, g = feats["query"], feats["gallery"]
-    qw, gw = q["weights"][index:index + 1], g["weights"]
-    if weighting == "uniform":
-        qw, gw = torch.full_like(qw, 1 / qw.shape[1]), torch.full_like(gw, 1 / gw.shape[1])
+    qw, gw = evaluate.weights_for(weighting, q["weights"][index:index + 1], g["weights"])
     dist = evaluate.weighted_distance(q["emb"][index:index + 1], qw, g["emb"], gw)[0]
     pid, cam = int(q["pids"][index]), int(q["cams"][index])
     drop = (g["pids"] == -1) | ((g["pids"] == pid) & (g["cams"] == cam))

@@ -73,6 +73,14 @@ def _distance_block(qs, qw, gs, gw, out: torch.Tensor | None = None) -> torch.Te
     return num.div_(den).neg_().add_(1.0)
 
 
+def weights_for(weighting: str, qw: torch.Tensor, gw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part weights to rank with: the learned qw (Q,P), gw (G,P) for "adaptive", equal
+    weights 1/P of the same shapes for "uniform" (the PCB ablation of an AWPCN run)."""
+    if weighting == "uniform":
+        return torch.full_like(qw, 1 / qw.shape[1]), torch.full_like(gw, 1 / gw.shape[1])
+    return qw, gw
+
+
 def weighted_distance(qf, qw, gf, gw, *, chunk: int | None = None) -> torch.Tensor:
     """D(q,g) = sum_i alpha_i(q,g) (1 - cos(q_i, g_i)), alpha_i = w_i(q) w_i(g) / sum_j w_j(q) w_j(g).
 

@@ -158,8 +158,7 @@ def run_test(args: argparse.Namespace) -> dict:
     }
     save_features(run_dir, features)
 
-    if weighting == "uniform":
-        qw, gw = torch.full_like(qw, 1 / qw.shape[1]), torch.full_like(gw, 1 / gw.shape[1])
+    qw, gw = evaluate.weights_for(weighting, qw, gw)
     q, g = features["query"], features["gallery"]
     t0 = time.perf_counter()
     res = evaluate.evaluate_features(qf, qw, gf, gw, q["pids"], g["pids"], q["cams"], g["cams"], ap=args.ap)

@@ -47,25 +47,33 @@ def _test_module():
     return mod
 
 
-def occlusion_report(feats: dict, data_root: Path) -> dict | None:
-    """Mean learned weight x P (1.0 = uniform) of occluded and visible stripes, from the
-    generator's ground truth; None when the dataset has no occlusion.json."""
+def occlusion_truth(data_root: Path) -> dict | None:
+    """The generator's occlusion.json (``height``, ``images``: relative path -> hidden rows)
+    with the dataset root added, or None for a dataset without one (real data)."""
     gt_file = data_root / "occlusion.json"
     if not gt_file.is_file():
         return None
-    gt = json.loads(gt_file.read_text())
-    height, images = gt["height"], gt["images"]
+    return {**json.loads(gt_file.read_text()), "root": data_root.resolve()}
+
+
+def _relative(path: str, truth: dict) -> str:
+    return str(Path(path).resolve().relative_to(truth["root"]))
+
+
+def occlusion_report(feats: dict, truth: dict) -> dict:
+    """Mean learned weight x P (1.0 = uniform) of occluded and visible stripes, from the
+    generator's ground truth."""
     occ, vis_on_occ, clean = [], [], []
     for split in ("query", "gallery"):
         s = feats[split]
         parts = s["weights"].shape[1]
         for path, w in zip(s["paths"], s["weights"]):
-            rows = images.get(str(Path(path).resolve().relative_to(data_root.resolve())))
+            rows = truth["images"].get(_relative(path, truth))
             w = (w * parts).tolist()
             if not rows:
                 clean.extend(w)
                 continue
-            frac = datasets.occlusion_fraction(tuple(rows), height, parts)
+            frac = datasets.occlusion_fraction(tuple(rows), truth["height"], parts)
             for wi, fi in zip(w, frac):
                 (occ if fi >= 0.5 else vis_on_occ if fi == 0 else []).append(wi)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
@@ -78,26 +86,16 @@ def metrics_from_features(feats: dict, weighting: str, keep: torch.Tensor | None
     uniform part weights."""
     q, g = feats["query"], feats["gallery"]
     keep = torch.ones(len(q["pids"]), dtype=torch.bool) if keep is None else keep
-    qw, gw = q["weights"][keep], g["weights"]
-    if weighting == "uniform":
-        qw, gw = torch.full_like(qw, 1 / qw.shape[1]), torch.full_like(gw, 1 / gw.shape[1])
+    qw, gw = evaluate.weights_for(weighting, q["weights"][keep], g["weights"])
     res = evaluate.evaluate_features(q["emb"][keep], qw, g["emb"], gw, q["pids"][keep], g["pids"],
                                      q["cams"][keep], g["cams"])
     return {m: float(res[m]) for m in METRICS}
 
 
-def occluded_query_metrics(feats: dict, data_root: Path, weighting: str) -> dict | None:
-    """Metrics over the queries that the generator occluded (None without ground truth)."""
-    gt_file = data_root / "occlusion.json"
-    if not gt_file.is_file():
-        return None
-    images = json.loads(gt_file.read_text())["images"]
-    q, g = feats["query"], feats["gallery"]
-    keep = torch.tensor([bool(images.get(str(Path(p).resolve().relative_to(data_root.resolve()))))
-                         for p in q["paths"]])
-    if not keep.any():
-        return None
-    return metrics_from_features(feats, weighting, keep)
+def occluded_query_metrics(feats: dict, truth: dict, weighting: str) -> dict | None:
+    """Metrics over the queries that the generator occluded (None if there are none)."""
+    keep = torch.tensor([bool(truth["images"].get(_relative(p, truth))) for p in feats["query"]["paths"]])
+    return metrics_from_features(feats, weighting, keep) if keep.any() else None
 
 
 def run_one(variant: str, seed: int, args, test_mod) -> dict:
@@ -106,10 +104,10 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
     done = runs_dir / name / "bench.json"
     if done.is_file():
         record = json.loads(done.read_text())
-        made = (record.get("preset", args.preset), record.get("train_args", args.train_args))
-        if made != (args.preset, args.train_args):
-            raise UserError(f"{done}: this run was made with preset {made[0]!r} and train.py flags {made[1]}, "
-                            f"not {args.preset!r} and {args.train_args}; pass the same flags or another --out")
+        if not _made_with(record, args):
+            raise UserError(f"{done}: this run was made with preset {record['preset']!r} and train.py flags "
+                            f"{record['train_args']}, not {args.preset!r} and {args.train_args}; pass the "
+                            "same flags or another --out")
         return record
     t0 = time.perf_counter()
     opts = train.parse_opts(["--data_dir", args.data_dir, "--runs_dir", str(runs_dir), "--name", name,
@@ -125,20 +123,25 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
     res = test_mod.run_test(test_mod.build_parser().parse_args(targs))["plain"]
     record["learned"] = {m: float(res[m]) for m in METRICS}
     feats = load_features(runs_dir / name)
-    root = Path(feats["data_root"])
-    evals = [("learned", opts["weighting"])] + ([("uniform_at_test", "uniform")] if variant == "awpcn" else [])
-    for label, weighting in evals:
-        if label != "learned":
-            record[label] = metrics_from_features(feats, weighting)
-        occ_q = occluded_query_metrics(feats, root, weighting)
-        if occ_q:
-            record[label + "_occluded_queries"] = occ_q
     if variant == "awpcn":
-        rep = occlusion_report(feats, root)
-        if rep:
-            record["weights"] = rep
+        record["uniform_at_test"] = metrics_from_features(feats, "uniform")
+    truth = occlusion_truth(Path(feats["data_root"]))
+    if truth:
+        for label, weighting in (("learned", opts["weighting"]), ("uniform_at_test", "uniform")):
+            occ_q = occluded_query_metrics(feats, truth, weighting) if label in record else None
+            if occ_q:
+                record[label + "_occluded_queries"] = occ_q
+        if variant == "awpcn":
+            record["weights"] = occlusion_report(feats, truth)
     atomic_write_text(done, json.dumps(record, indent=1))
     return record
+
+
+def _made_with(record: dict, args) -> bool:
+    """Whether a finished run was made with this preset and these train.py flags (runs from
+    before the bench recorded them count as made with any)."""
+    return (record.get("preset", args.preset), record.get("train_args", args.train_args)) == \
+        (args.preset, args.train_args)
 
 
 def finished_runs(args) -> list[dict]:
@@ -147,8 +150,7 @@ def finished_runs(args) -> list[dict]:
     records, other = [], []
     for f in sorted((Path(args.out) / "runs").glob("*/bench.json")):
         r = json.loads(f.read_text())
-        same = r.get("preset", args.preset) == args.preset and r.get("train_args", args.train_args) == args.train_args
-        (records if same and r["variant"] in args.variants else other).append(r)
+        (records if _made_with(r, args) and r["variant"] in args.variants else other).append(r)
     if other:
         print(f"left out {len(other)} finished runs of other variants or flags: "
               + ", ".join(f"{r['variant']}_s{r['seed']}" for r in other))
@@ -163,14 +165,8 @@ def paired_difference(records: list[dict], key: str) -> str | None:
     if not seeds:
         return None
     d = {m: [by["awpcn", s][key][m] - by["pcb", s][key][m] for s in seeds] for m in ("mAP", "rank1")}
-    return (f"AWPCN − PCB, paired by seed ({','.join(map(str, seeds))}): mAP {_signed(d['mAP'])}, "
-            f"Rank-1 {_signed(d['rank1'])} points.")
-
-
-def _signed(values) -> str:
-    values = [100 * v for v in values]
-    mean = statistics.mean(values)
-    return f"{mean:+.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    return (f"AWPCN − PCB, paired by seed ({','.join(map(str, seeds))}): mAP {_ms(d['mAP'], signed=True)}, "
+            f"Rank-1 {_ms(d['rank1'], signed=True)} points.")
 
 
 def plot_curves(records: list[dict], runs_dir: Path, path: Path) -> None:
@@ -201,11 +197,11 @@ def plot_curves(records: list[dict], runs_dir: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def _ms(values) -> str:
+def _ms(values, signed: bool = False) -> str:
+    """Fractions as points: "mean ± std" over seeds, just the value for one seed."""
     values = [100 * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    mean = f"{statistics.mean(values):{'+' if signed else ''}.1f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.1f}"
 
 
 def markdown(records: list[dict], args) -> str:
