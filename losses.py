@@ -8,13 +8,32 @@ import torch
 import torch.nn.functional as F
 
 
-def stripe_visibility(vis_rows: torch.Tensor, parts: int) -> torch.Tensor:
-    """vis_rows (N, H) visible fraction of each image row -> (N, P) per stripe.
+def stripe_visibility(vis: torch.Tensor, parts: int, feat_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """Visible fraction of each stripe (N, P) from per-pixel visibility ``vis`` (N, H, W)
+    (or per-row ``vis`` (N, H)).
 
-    Stripes are the same equal-height bands of the image that the model pools
-    (adaptive pooling of the feature map maps back to these rows).
+    With ``feat_hw`` = (h, w), the size of the trunk's map, the pixels are first averaged
+    into the h x w feature cells and the cells into P row bins by the same adaptive pooling
+    the model uses for its stripes — so the target covers exactly the rows each stripe pools,
+    also when h is not a multiple of P (8 rows into 6 stripes: overlapping bins). Without it,
+    P equal bands of image rows.
     """
-    return F.adaptive_avg_pool1d(vis_rows.unsqueeze(1).float(), parts).squeeze(1)
+    vis = vis.float()
+    if vis.dim() == 2:
+        vis = vis.unsqueeze(-1)
+    vis = vis.unsqueeze(1)                                                   # (N, 1, H, W)
+    if feat_hw is not None:
+        vis = F.adaptive_avg_pool2d(vis, tuple(feat_hw))
+    return F.adaptive_avg_pool2d(vis, (parts, 1)).flatten(1)
+
+
+def cell_visibility(vis: torch.Tensor, feat_hw: tuple[int, int]) -> torch.Tensor:
+    """Per-pixel visibility (N, H, W) (or per-row (N, H)) -> visible fraction of each feature
+    cell (N, h, w)."""
+    vis = vis.float()
+    if vis.dim() == 2:      # per row: the same for every column, not pooled as a (1, H) image
+        vis = vis.unsqueeze(-1)
+    return F.adaptive_avg_pool2d(vis.unsqueeze(1), tuple(feat_hw)).squeeze(1)
 
 
 def batch_hard_triplet(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
@@ -39,7 +58,9 @@ def awpcn_loss(out: dict, labels: torch.Tensor, vis_rows: torch.Tensor | None = 
     """Total loss and its named terms (floats) for one batch.
 
     out: the model's training dict (``logits`` (N,P,K), ``fused`` (N,K), ``scores`` (N,P)
-    or None, ``emb`` (N,P,D)); labels (N,) int64; vis_rows (N,H) or None.
+    or None, ``vis_logits`` (N,h,w) or None, ``feat_hw``, ``emb`` (N,P,D)); labels (N,)
+    int64; vis_rows: per-pixel visibility (N,H,W) (or per-row (N,H)), or None.
+    The BCE is per stripe for the stripe heads and per feature cell for the spatial head.
     ``mean_i CE(logits_i) + fused_weight * CE(fused) + vis_weight * BCE(sigmoid(scores/T), v)
     [+ triplet]``; the BCE term only when the head is the visibility head (``vis_rows``
     given and ``out['scores']`` not None and the caller asks for it with vis_weight > 0).
@@ -54,9 +75,15 @@ def awpcn_loss(out: dict, labels: torch.Tensor, vis_rows: torch.Tensor | None = 
         fused_ce = F.cross_entropy(out["fused"].float(), labels, label_smoothing=label_smoothing)
         total = total + fused_weight * fused_ce
         terms["fused_ce"] = fused_ce.detach()
-    if vis_weight > 0 and vis_rows is not None and out.get("scores") is not None:
-        target = stripe_visibility(vis_rows, p)
+    vis_bce = None
+    if vis_weight > 0 and vis_rows is not None and out.get("vis_logits") is not None:
+        logits = out["vis_logits"].float()
+        vis_bce = F.binary_cross_entropy_with_logits(logits / temperature,
+                                                     cell_visibility(vis_rows, logits.shape[1:]))
+    elif vis_weight > 0 and vis_rows is not None and out.get("scores") is not None:
+        target = stripe_visibility(vis_rows, p, out.get("feat_hw"))
         vis_bce = F.binary_cross_entropy_with_logits(out["scores"].float() / temperature, target)
+    if vis_bce is not None:
         total = total + vis_weight * vis_bce
         terms["vis_bce"] = vis_bce.detach()
     if triplet_margin is not None:

@@ -11,6 +11,12 @@ per-part bias, giving ``scores (N, P)``.
   ``losses.py``) to predict each stripe's visible fraction, which the augmentation knows;
   ``w = v / sum_j v_j``. The fused logits use ``w.detach()`` so the weights learn only
   "is this stripe reliable", not "which stripe is discriminative on average".
+* ``head='spatial'``: a 1x1 convolution on the trunk's feature map predicts the visibility
+  of every location, ``m = sigmoid(logit / T)`` (N, h, w), trained against the exact
+  visible-pixel fraction of that location; each stripe is pooled as the ``m``-weighted mean
+  of its locations (hidden locations barely count; ``m`` is detached there so the identity
+  loss cannot turn it into an attention map), and ``v_i`` = the stripe's mean ``m``,
+  ``w = v / sum_j v_j``.
 * ``head='softmax'``: ``w = softmax(scores / T)`` trained only through the fused CE
   (the ablation that, in our first probe, collapsed to a per-part prior).
 * ``weighting='uniform'``: ``w = 1/P`` exactly, no head; this is PCB.
@@ -37,7 +43,7 @@ BACKBONES = {
     "resnet101": ("resnet101", "ResNet101_Weights", 2048),
 }
 WEIGHTINGS = ("adaptive", "uniform")
-HEADS = ("visibility", "softmax")
+HEADS = ("visibility", "spatial", "softmax")
 
 # Everything needed to rebuild the network; train.py stores these in opts.yaml.
 MODEL_KEYS = ("backbone", "parts", "embed_dim", "weighting", "head", "temperature",
@@ -125,7 +131,10 @@ class AWPCN(nn.Module):
         ``logits`` (N, P, K) per-part class scores,
         ``fused``  (N, K)    sum_i w_i * logits_i,
         ``weights`` (N, P)   part weights, rows sum to 1,
-        ``scores`` (N, P)    head scores before sigmoid/softmax (None when uniform),
+        ``scores`` (N, P)    stripe-head scores before sigmoid/softmax (None when uniform
+                             or spatial),
+        ``vis_logits`` (N, h, w) per-location visibility logits (spatial head, else None),
+        ``feat_hw`` (h, w)   size of the trunk's feature map,
         ``emb``    (N, P, D) part embeddings.
       eval -> (emb (N, P, D), weights (N, P)).
     """
@@ -154,10 +163,14 @@ class AWPCN(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.cls_weight = nn.Parameter(torch.randn(parts, embed_dim, num_classes) * 0.001)
         self.cls_bias = nn.Parameter(torch.zeros(parts, num_classes))
-        if weighting == "adaptive":
+        if weighting == "adaptive" and head == "spatial":
+            self.vis_conv = nn.Conv2d(channels, 1, 1)
+            # Start "all visible" (sigmoid(3) = 0.95) so early training sees uniform pooling and weights.
+            nn.init.zeros_(self.vis_conv.weight)
+            nn.init.constant_(self.vis_conv.bias, 3.0)
+        elif weighting == "adaptive":
             self.scorer = nn.Sequential(nn.Linear(embed_dim, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
             self.part_bias = nn.Parameter(torch.zeros(parts))
-            # Start "all visible" (sigmoid(3) = 0.95) so early fused training sees uniform weights.
             nn.init.zeros_(self.scorer[2].weight)
             nn.init.constant_(self.scorer[2].bias, 3.0 if head == "visibility" else 0.0)
 
@@ -168,37 +181,81 @@ class AWPCN(nn.Module):
         trunk = {id(p) for p in self.trunk.parameters()}
         return [p for p in self.parameters() if id(p) not in trunk]
 
-    def part_embeddings(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N,3,H,W) -> emb (N,P,D): stripe average pooling, per-part reduction."""
+    @property
+    def spatial(self) -> bool:
+        return self.weighting == "adaptive" and self.head == "spatial"
+
+    def part_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (N,3,H,W) -> (emb (N,P,D), visibility logits (N,h,w) of the spatial head or None)."""
+        emb, vis_logits, _ = self._stripes(x)
+        return emb, vis_logits
+
+    def _stripes(self, x: torch.Tensor):
+        """(emb (N,P,D), vis_logits (N,h,w) or None, (h, w) of the trunk map).
+
+        Stripes are adaptive average pooling of the (N,C,h,w) trunk map into P row bins —
+        ``losses.stripe_visibility`` pools the visibility target over the same bins.
+        """
         fmap = self.trunk(x)                                     # (N, C, h, w)
-        pooled = F.adaptive_avg_pool2d(fmap, (self.parts, 1))    # (N, C, P, 1)
+        hw = tuple(fmap.shape[2:])
+        vis_logits = None
+        if self.spatial:
+            vis_logits = self.vis_conv(fmap).float()             # (N, 1, h, w)
+            m = torch.sigmoid(vis_logits / self.temperature).detach()
+            num = F.adaptive_avg_pool2d(fmap.float() * m, (self.parts, 1))
+            pooled = num / F.adaptive_avg_pool2d(m, (self.parts, 1)).clamp_min(1e-4)
+            vis_logits = vis_logits.squeeze(1)
+        else:
+            pooled = F.adaptive_avg_pool2d(fmap, (self.parts, 1))   # (N, C, P, 1)
         pooled = pooled.flatten(2).transpose(1, 2).float()       # (N, P, C)
         emb = torch.bmm(pooled.transpose(0, 1), self.reduce.float()).transpose(0, 1)  # (N, P, D)
         emb = self.reduce_bn(emb.reshape(emb.shape[0], -1)).view_as(emb)
-        return F.relu(emb)
+        return F.relu(emb), vis_logits, hw
 
-    def part_weights(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """emb (N,P,D) -> (weights (N,P) rows summing to 1, scores (N,P) or None)."""
+    def part_weights(self, emb: torch.Tensor, vis_logits: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """emb (N,P,D) [, vis_logits (N,h,w)] -> (weights (N,P) rows summing to 1, scores (N,P) or None).
+
+        ``scores`` are the stripe heads' logits; the spatial head has none (its logits are
+        per location) and returns None.
+        """
         n = emb.shape[0]
         if self.weighting == "uniform":
             return emb.new_full((n, self.parts), 1.0 / self.parts), None
+        if self.spatial:
+            m = torch.sigmoid(vis_logits / self.temperature).unsqueeze(1)      # (N, 1, h, w)
+            v = F.adaptive_avg_pool2d(m, (self.parts, 1)).flatten(1)          # (N, P)
+            return v / v.sum(1, keepdim=True).clamp_min(1e-6), None
         scores = self.scorer(emb).squeeze(-1) + self.part_bias   # (N, P)
         if self.head == "softmax":
             return torch.softmax(scores / self.temperature, dim=1), scores
         v = torch.sigmoid(scores / self.temperature)
         return v / v.sum(1, keepdim=True).clamp_min(1e-6), scores
 
+    def predict_visibility(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """x (N,3,H,W) -> (the head's predicted visible fraction of each stripe (N, P) in [0, 1],
+        (h, w) of the trunk map) — what the visibility loss trains, before normalisation into
+        weights; ``losses.stripe_visibility(vis, P, (h, w))`` is its target."""
+        emb, vis_logits, hw = self._stripes(x)
+        if self.spatial:
+            m = torch.sigmoid(vis_logits / self.temperature).unsqueeze(1)
+            return F.adaptive_avg_pool2d(m, (self.parts, 1)).flatten(1), hw
+        if self.weighting != "adaptive" or self.head != "visibility":
+            raise ValueError(f"the {self.weighting}/{self.head} head does not predict visibility")
+        return torch.sigmoid((self.scorer(emb).squeeze(-1) + self.part_bias) / self.temperature), hw
+
     def forward(self, x: torch.Tensor):
-        emb = self.part_embeddings(x)
-        weights, scores = self.part_weights(emb)
+        emb, vis_logits, hw = self._stripes(x)
+        weights, scores = self.part_weights(emb, vis_logits)
         if not self.training:
             return emb, weights
         logits = torch.einsum("npd,pdk->npk", self.drop(emb), self.cls_weight) + self.cls_bias
         # Visibility-trained weights must not be pushed by the fused CE towards "the most
         # discriminative stripe on average" (the collapse our probe showed).
-        w = weights.detach() if self.head == "visibility" else weights
+        w = weights.detach() if self.head in ("visibility", "spatial") else weights
         fused = (w.unsqueeze(-1) * logits).sum(1)
-        return {"logits": logits, "fused": fused, "weights": weights, "scores": scores, "emb": emb}
+        return {"logits": logits, "fused": fused, "weights": weights, "scores": scores,
+                "vis_logits": vis_logits, "feat_hw": hw, "emb": emb}
 
 
 def build_model(opts: dict, *, pretrained: str | None = None, weights: str | None = None) -> AWPCN:
@@ -225,7 +282,7 @@ def model_summary(model: AWPCN, height: int, width: int, batch: int = 2) -> str:
         model.train()
         out = model(x)
         lines.append(f"train  input {tuple(x.shape)} -> " + ", ".join(
-            f"{k} {tuple(v.shape)}" for k, v in out.items() if v is not None))
+            f"{k} {tuple(v.shape) if torch.is_tensor(v) else tuple(v)}" for k, v in out.items() if v is not None))
         model.eval()
         emb, w = model(x)
         lines.append(f"eval   input {tuple(x.shape)} -> emb {tuple(emb.shape)}, weights {tuple(w.shape)}")

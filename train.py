@@ -27,7 +27,7 @@ from tqdm import tqdm
 import datasets
 from losses import awpcn_loss
 from model import BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, AWPCN
-from utils import (UserError, cli, get_logger, close_logger, load_checkpoint, save_checkpoint,
+from utils import (DEFAULT_RUN, UserError, cli, get_logger, close_logger, load_checkpoint, save_checkpoint,
                    save_figure, save_yaml, load_yaml, select_device)
 
 # Paper-like defaults live in the parser; a preset only changes what it names, and any flag
@@ -38,8 +38,6 @@ PRESETS = {
     "cpu": dict(backbone="resnet18", pretrained="none", height=128, width=64, epochs=8,
                 batchsize=32, instances=4, lr=0.05, warmup=1, step=6, save_every=0),
 }
-# Options a --resume may change; everything else comes from the run's opts.yaml.
-RUNTIME_KEYS = ("workers", "device", "epochs", "resume", "overwrite", "runs_dir", "save_every")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("run")
     g.add_argument("--data_dir", default="data/synthetic",
                    help="Market-layout dataset folder (or its parent, e.g. holding Market-1501-v15.09.15)")
-    g.add_argument("--name", default="awpcn", help="run name: outputs go to RUNS_DIR/NAME")
+    g.add_argument("--name", default=DEFAULT_RUN, help="run name: outputs go to RUNS_DIR/NAME")
     g.add_argument("--runs_dir", default="model", help="folder holding run folders")
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
                    help="paper: 384x128 ResNet-50, 60 epochs; cpu: ResNet-18 128x64, 8 epochs from scratch")
-    g.add_argument("--resume", action="store_true", help="continue model/NAME from its last.pt exactly")
+    g.add_argument("--resume", action="store_true",
+                   help="continue model/NAME from its last.pt exactly, with its stored options; flags given "
+                        "on the command line override them (each override is printed)")
     g.add_argument("--overwrite", action="store_true", help="delete an existing model/NAME and start again")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parts", type=int, default=6, help="horizontal stripes P")
     g.add_argument("--embed_dim", type=int, default=256, help="per-part embedding size")
     g.add_argument("--weighting", default="adaptive", choices=WEIGHTINGS, help="uniform = PCB")
-    g.add_argument("--head", default="visibility", choices=HEADS,
-                   help="visibility: weights supervised by stripe visibility; softmax: fused CE only")
+    g.add_argument("--head", default="spatial", choices=HEADS,
+                   help="spatial: per-location visibility map (pools and weights the stripes); visibility: "
+                        "one visibility score per stripe; softmax: weights trained by the fused CE only")
     g.add_argument("--temperature", type=float, default=1.0, help="temperature of the part-weight head")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout before the part classifiers")
     g.add_argument("--last_stride", type=int, default=1, choices=[1, 2])
@@ -80,8 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batchsize", type=int, default=64, help="images per step over all processes (P x K)")
     g.add_argument("--instances", type=int, default=4, help="images per identity in a batch (K)")
     g.add_argument("--erasing", type=float, default=0.5, help="RandomErasing probability")
-    g.add_argument("--occlude_prob", type=float, default=0.3,
-                   help="probability of a synthetic top/bottom occluder (teaches the weight head)")
+    g.add_argument("--occlude_prob", type=float, default=0.5,
+                   help="probability of an occluder on a training image (teaches the weight head)")
+    g.add_argument("--occluder", default="patch", choices=datasets.OCCLUDERS,
+                   help="patch: a soft-edged piece of another identity's training image at the bottom, top or "
+                        "a side; band: a flat noise band over the top or bottom rows; both: either")
+    g.add_argument("--val_ids", type=float, default=0.0,
+                   help="hold out this fraction of the training ids as a validation query/gallery "
+                        "(test.py --split val); 0: train on all")
     g.add_argument("--color_jitter", action="store_true")
 
     g = ap.add_argument_group("optimisation")
@@ -107,12 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_opts(argv=None) -> dict:
+    """Options from the command line over the preset over the defaults. ``opts['given']``
+    lists the options actually typed (what a --resume lets override the stored run)."""
     ap = build_parser()
     known, _ = ap.parse_known_args(argv)
     ap.set_defaults(**PRESETS[known.preset])
     opts = vars(ap.parse_args(argv))
     if opts["backbone_lr_mult"] is None:
         opts["backbone_lr_mult"] = 0.1 if (opts["pretrained"] == "imagenet" or opts["weights"]) else 1.0
+    # Which options were typed: the same parser with every default suppressed.
+    typed = build_parser()
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    opts["given"] = sorted(vars(typed.parse_args(argv)))
     return opts
 
 
@@ -141,26 +155,53 @@ def check_opts(opts: dict) -> None:
 
 
 # --------------------------------------------------------------------------- run folder
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Create an empty run folder, refusing to replace an existing run by accident."""
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a run by accident. A folder without any checkpoint is a run that
+    stopped before its first epoch ended (e.g. ImageNet weights could not be fetched): it
+    is not a run to protect."""
+    if run_dir.exists() and any(run_dir.glob("*.pt")) and not overwrite:
+        have = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
+        raise UserError(f"{run_dir} already exists (has {have}); pass --resume to continue it "
+                        "or --overwrite to delete it and start again")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, log=print) -> None:
+    """Create an empty run folder (see :func:`check_run_dir` for what is refused)."""
+    check_run_dir(run_dir, overwrite)
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            have = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
-            raise UserError(f"{run_dir} already exists (has {have}); pass --resume to continue it "
-                            "or --overwrite to delete it and start again")
+        if not any(run_dir.glob("*.pt")):
+            log(f"reusing {run_dir}: it holds no checkpoint (a run that stopped before its first epoch)")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def resume_opts(run_dir: Path, cli_opts: dict) -> dict:
-    """The run's stored options, with only the runtime ones taken from the command line."""
+# What the network and the data are: a resumed run cannot change these.
+FIXED_ON_RESUME = ("backbone", "parts", "embed_dim", "weighting", "head", "last_stride", "height", "width",
+                   "data_dir", "val_ids", "pretrained", "weights", "preset")
+
+
+def resume_opts(run_dir: Path, cli_opts: dict, log=print) -> dict:
+    """The run's stored options; only flags actually typed on the command line override them,
+    and each override is said ("--epochs 8 -> 12 (from the command line)")."""
     stored = load_yaml(run_dir / "opts.yaml") if (run_dir / "opts.yaml").exists() else None
     if stored is None:
         raise UserError(f"--resume: {run_dir} has no opts.yaml; nothing to resume "
                         f"(start it without --resume)")
+    if not (run_dir / "last.pt").is_file():
+        raise UserError(f"--resume: {run_dir} has no last.pt (it stopped before its first epoch ended); "
+                        "start it again without --resume")
     opts = dict(stored)
-    for key in RUNTIME_KEYS:
-        opts[key] = cli_opts[key]
+    given = set(cli_opts.get("given", ()))
+    fixed = [k for k in FIXED_ON_RESUME if k in given and k in stored and cli_opts[k] != stored[k]]
+    if fixed:
+        raise UserError(f"--resume: {', '.join(f'--{k} {cli_opts[k]}' for k in fixed)} differs from the run "
+                        f"({', '.join(f'{k} {stored[k]}' for k in fixed)}); a resumed run keeps its model and "
+                        "data. Drop the flag, or start a new run under another --name")
+    for key in sorted(given - {"resume", "given"}):
+        if key not in FIXED_ON_RESUME and stored.get(key) != cli_opts[key]:
+            log(f"--{key} {stored.get(key)} -> {cli_opts[key]} (from the command line)")
+            opts[key] = cli_opts[key]
+    opts["resume"], opts["given"] = True, cli_opts.get("given", [])
     return opts
 
 
@@ -202,6 +243,40 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+def has_unused_parameters(opts: dict) -> bool:
+    """Whether some parameters get no gradient under these options (the weight head when
+    neither its visibility loss nor, for the softmax head, the fused CE reaches it):
+    DistributedDataParallel must be told, or it stops at the second step."""
+    return opts["weighting"] == "adaptive" and (
+        (opts["head"] in ("visibility", "spatial") and opts["vis_weight"] <= 0)
+        or (opts["head"] == "softmax" and opts["fused_weight"] <= 0))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (torch >= 2.5), torch.cuda.OutOfMemoryError (older), or the
+    CPU allocator's RuntimeError."""
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None),
+                              getattr(torch.cuda, "OutOfMemoryError", None)) if k is not None)
+    text = str(exc)
+    return isinstance(exc, kinds) or "out of memory" in text or "can't allocate memory" in text
+
+
+def stream_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """A 63-bit seed for one random stream, distinct for every (seed, epoch, rank, stream)."""
+    import numpy as np
+    return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def train_loader(train_set, batch_sampler, *, seed: int, epoch: int, rank: int, workers: int,
+                 pin_memory: bool = False) -> DataLoader:
+    """The epoch's DataLoader. Its generator is keyed by (seed, epoch, rank); DataLoader gives
+    worker k the base seed + k, so the augmentation of every (rank, worker) differs and each
+    replays exactly."""
+    return DataLoader(train_set, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(stream_seed(seed, epoch, rank, 1)))
+
+
 # --------------------------------------------------------------------------- training
 def train(opts: dict, *, stop_after_epoch: int | None = None) -> dict:
     """Train per ``opts`` (as from :func:`parse_opts`). Returns ``{'run_dir', 'history'}``.
@@ -210,45 +285,59 @@ def train(opts: dict, *, stop_after_epoch: int | None = None) -> dict:
     (used by the tests of exact resumption).
     """
     check_opts(opts)
+    # Absolute, so test.py and demo.py find the data from any working folder.
+    opts = {**opts, "data_dir": str(Path(opts["data_dir"]).expanduser().resolve())}
     rank, world, device = init_distributed(opts["device"])
     main_proc = rank == 0
     run_dir = Path(opts["runs_dir"]) / opts["name"]
+    early: list[str] = []  # said before the run folder (and its train.log) exists
+    say = early.append if main_proc else (lambda _msg: None)
     state = None
     if opts["resume"]:
-        opts = resume_opts(run_dir, opts)
+        opts = resume_opts(run_dir, opts, log=say)
         state = load_checkpoint(run_dir / "last.pt")
     elif main_proc:
-        prepare_run_dir(run_dir, opts["overwrite"])
+        check_run_dir(run_dir, opts["overwrite"])
+    # Data and model (with its ImageNet weights) before the run folder: a run that cannot
+    # start leaves nothing behind.
+    data = datasets.load_dataset(opts["data_dir"], log=early.append)
+    if opts.get("val_ids"):  # runs from before --val_ids have no such key
+        data, val = datasets.carve_validation(data, opts["val_ids"])
+        early.append(f"validation: {len({p for _, p, _ in val.query + val.gallery})} ids "
+                     f"({len(val.query)} queries, {len(val.gallery)} gallery) held out of training; "
+                     f"training on {data.num_train_pids} ids, {len(data.train)} images")
+    else:
+        val = None
+    opts["num_classes"] = data.num_train_pids
+    if state is not None and state.get("train_pids") != data.train_pids:
+        raise UserError(f"--resume: {opts['data_dir']} has {data.num_train_pids} training ids that differ "
+                        f"from the {len(state.get('train_pids') or [])} the run was started with; "
+                        "resume on the same dataset")
+    torch.manual_seed(opts["seed"])
+    model = AWPCN(opts["num_classes"], pretrained=opts["pretrained"] if state is None else "none",
+                  weights=opts["weights"] if state is None else None,
+                  **{k: opts[k] for k in MODEL_KEYS if k != "num_classes"}).to(device)
+    if state is None and main_proc:
+        prepare_run_dir(run_dir, opts["overwrite"], log=print)
+        opts["data_root"] = str(data.root)
+        save_yaml(run_dir / "opts.yaml", opts)
     if world > 1:
         dist.barrier()
 
     log = get_logger(run_dir / "train.log" if main_proc else None, name=f"awpcn.train.{rank}")
     if not main_proc:
         log.disabled = True
+    for line in early:
+        log.info(line)
     try:
-        return _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch)
+        return _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, data, val, model)
     finally:
         close_logger(log)
 
 
-def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
+def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, data, val, model):
     main_proc = rank == 0
-    data = datasets.load_dataset(opts["data_dir"], log=log.info)
-    opts["num_classes"] = data.num_train_pids
-    if state is not None:
-        if state.get("train_pids") != data.train_pids:
-            raise UserError(f"--resume: {opts['data_dir']} has {data.num_train_pids} training ids that differ "
-                            f"from the {len(state.get('train_pids') or [])} the run was started with; "
-                            "resume on the same dataset")
-    elif main_proc:
-        opts["data_root"] = str(data.root)
-        save_yaml(run_dir / "opts.yaml", opts)
-
     seed = opts["seed"]
-    torch.manual_seed(seed)
-    model = AWPCN(opts["num_classes"], pretrained=opts["pretrained"] if state is None else "none",
-                  weights=opts["weights"] if state is None else None,
-                  **{k: opts[k] for k in MODEL_KEYS if k != "num_classes"}).to(device)
     if opts["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     head_lr, trunk_lr = opts["lr"], opts["lr"] * opts["backbone_lr_mult"]
@@ -268,13 +357,14 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
         log.info(f"resuming {run_dir} at epoch {start_epoch + 1}/{opts['epochs']}")
     net = model
     if world > 1:
-        needs_unused = opts["weighting"] == "adaptive" and (opts["head"] == "visibility" and opts["vis_weight"] <= 0)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=needs_unused)
+            find_unused_parameters=has_unused_parameters(opts))
 
+    bank = [(p, label) for p, label, _ in data.train]
     transform = datasets.build_transforms(opts["height"], opts["width"], train=True,
                                           erasing_prob=opts["erasing"], occlude_prob=opts["occlude_prob"],
+                                          occluder=opts.get("occluder", "band"), occluder_bank=bank,
                                           color_jitter=opts["color_jitter"])
     train_set = datasets.ImageDataset(data.train, transform)
     labels = [label for _, label, _ in data.train]
@@ -290,7 +380,7 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
         log.info("note: --amp on a CPU means bf16 autocast, which is many times slower than fp32 on CPUs "
                  "without AVX-512 BF16; drop --amp unless yours has it")
     loss_kw = dict(label_smoothing=opts["label_smoothing"], fused_weight=opts["fused_weight"],
-                   vis_weight=opts["vis_weight"] if opts["head"] == "visibility" else 0.0,
+                   vis_weight=opts["vis_weight"] if opts["head"] in ("visibility", "spatial") else 0.0,
                    triplet_margin=opts["margin"] if opts["triplet"] else None,
                    temperature=opts["temperature"])
     if main_proc:
@@ -299,11 +389,18 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch):
                  f"{len(sampler)} steps/epoch of {opts['batchsize']} images, epochs {start_epoch + 1}..{opts['epochs']}")
 
     last_epoch = opts["epochs"] if stop_after_epoch is None else min(opts["epochs"], stop_after_epoch)
+    probe = None
+    if main_proc and val is not None and model.weighting == "adaptive" and model.head != "softmax":
+        probe = visibility_probe(val, opts)
+        log.info(f"visibility probe: {len(probe[0])} validation images with real-image occluders; "
+                 "vis_mae = mean |predicted - true| stripe visibility")
     loop = _Loop(opts, model, net, optimizer, scaler, use_cuda_amp, sampler, train_set, data, history,
-                 device, world, rank, run_dir, log, amp_ctx, loss_kw, epoch=start_epoch)
+                 device, world, rank, run_dir, log, amp_ctx, loss_kw, epoch=start_epoch, probe=probe)
     try:
         for epoch in range(start_epoch, last_epoch):
             record = _train_epoch(loop, epoch)
+            if probe is not None:
+                record["vis_mae"] = visibility_error(model, probe, device, opts["channels_last"])
             history.append(record)
             if main_proc:
                 _end_epoch(loop, epoch, record)
@@ -344,6 +441,44 @@ class _Loop:
     loss_kw: dict
     epoch: int = 0
     iteration: int = 0
+    probe: tuple | None = None  # (images, per-pixel visibility) for the per-epoch visibility error
+
+
+def visibility_probe(val: datasets.ReIDData, opts: dict, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n`` validation images, each with a real-image patch occluder cut from another
+    validation identity (none of them trained on), and their exact per-pixel visibility; the
+    same every epoch and on resume (own fixed seed, global RNG state restored)."""
+    items = (val.query + val.gallery)[:: max(1, len(val.query + val.gallery) // n)][:n]
+    bank = [(p, pid) for p, pid, _ in val.query + val.gallery]
+    t = datasets.build_transforms(opts["height"], opts["width"], train=True, pad=0, flip=False, erasing_prob=0.0,
+                                  occlude_prob=1.0, occluder="patch", occluder_bank=bank)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(12345)
+    try:
+        pairs = [t(datasets.load_image(p), pid) for p, pid, _ in items]
+    finally:
+        torch.random.set_rng_state(state)
+    return torch.stack([x for x, _ in pairs]), torch.stack([v for _, v in pairs])
+
+
+@torch.no_grad()
+def visibility_error(model: AWPCN, probe, device, channels_last: bool) -> float:
+    """Mean absolute error of the head's predicted stripe visibility on the probe images."""
+    from losses import stripe_visibility
+
+    was = model.training
+    model.eval()
+    errs = []
+    try:
+        for x, vis in zip(probe[0].split(64), probe[1].split(64)):
+            x = x.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            pred, hw = model.predict_visibility(x)
+            errs.append((pred.cpu() - stripe_visibility(vis, model.parts, hw)).abs().flatten())
+    finally:
+        model.train(was)
+    return float(torch.cat(errs).mean())
 
 
 def _train_epoch(loop: _Loop, epoch: int) -> dict:
@@ -351,13 +486,12 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
     opts, device, world = loop.opts, loop.device, loop.world
     seed, head_lr = opts["seed"], opts["lr"]
     loop.epoch = epoch
-    # Every random draw of an epoch derives from (seed, epoch, rank): resuming at an
+    # Every random draw of an epoch derives from (seed, epoch, rank[, worker]): resuming at an
     # epoch boundary replays exactly what an uninterrupted run would have done.
-    torch.manual_seed(seed * 1_000_003 + epoch * 101 + loop.rank)
+    torch.manual_seed(stream_seed(seed, epoch, loop.rank, 0))
     loop.sampler.set_epoch(epoch)
-    loader = DataLoader(loop.train_set, batch_sampler=loop.sampler, num_workers=opts["workers"],
-                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
-                        generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    loader = train_loader(loop.train_set, loop.sampler, seed=seed, epoch=epoch, rank=loop.rank,
+                          workers=opts["workers"], pin_memory=device.type == "cuda")
     factor = lr_factor(epoch, opts)
     for group in loop.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
@@ -374,24 +508,27 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
         img, vis, label = img.to(device, non_blocking=True), vis.to(device), label.to(device)
         if opts["channels_last"]:
             img = img.contiguous(memory_format=torch.channels_last)
+        # The whole step is guarded: out of memory strikes in backward as often as in forward.
         try:
             with loop.amp_ctx:
                 out = loop.net(img)
             loss, terms = awpcn_loss(out, label, vis, **loop.loss_kw)
-        except torch.OutOfMemoryError:
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; stopped. The last "
+                    f"good checkpoint {loop.run_dir / 'last.pt'} (epoch {epoch}) is kept. Lower --lr "
+                    "or turn off --amp, then train again (--resume continues from that checkpoint)")
+            loop.optimizer.zero_grad(set_to_none=True)
+            loop.scaler.scale(loss).backward()
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+        except RuntimeError as exc:  # torch's OutOfMemoryError is a RuntimeError on every version
+            if not is_out_of_memory(exc):
+                raise
             raise UserError(
                 f"out of memory on a batch of {label.shape[0]} images at {opts['height']}x{opts['width']} "
                 f"(epoch {epoch + 1}, iteration {it + 1}); lower --batchsize (e.g. {opts['batchsize'] // 2}) "
                 f"or add --amp. {loop.run_dir / 'last.pt'} (epoch {epoch}) is kept") from None
-        if not torch.isfinite(loss):
-            raise UserError(
-                f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; stopped. The last "
-                f"good checkpoint {loop.run_dir / 'last.pt'} (epoch {epoch}) is kept. Lower --lr "
-                "or turn off --amp, then train again (--resume continues from that checkpoint)")
-        loop.optimizer.zero_grad(set_to_none=True)
-        loop.scaler.scale(loss).backward()
-        loop.scaler.step(loop.optimizer)
-        loop.scaler.update()
         n = label.shape[0]
         count += n
         correct += int((out["fused"].argmax(1) == label).sum())
@@ -432,7 +569,8 @@ def _end_epoch(loop: _Loop, epoch: int, record: dict) -> None:
                                 if k in record),
                               f"acc {100 * record['acc']:.1f}%", f"lr {record['lr']:.3g}",
                               f"{record['images_per_s']:.1f} img/s",
-                              f"data wait {100 * record['data_wait']:.0f}%"]))
+                              f"data wait {100 * record['data_wait']:.0f}%",
+                              *([f"vis_mae {record['vis_mae']:.3f}"] if "vis_mae" in record else [])]))
 
 
 @cli

@@ -6,6 +6,7 @@ device selection and saving figures.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -13,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +22,8 @@ from typing import Any, Callable
 import yaml
 
 CHECKPOINT_FORMAT = 1
+# The run name train.py writes and test.py / demo.py read when --name is not given.
+DEFAULT_RUN = "awpcn"
 
 
 class UserError(Exception):
@@ -71,6 +75,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
                 f"{path}: disk full while writing; the previous version (if any) is intact. "
                 "Free some space and run again."
             ) from exc
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike):
+    """A fresh temp folder beside ``out`` to build into; on success it replaces ``out`` by
+    renames, on any error (Ctrl-C included) it is removed and ``out`` is left as it was —
+    nothing half-written is ever visible at ``out``."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old.exists():
+                os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
