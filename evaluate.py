@@ -103,14 +103,35 @@ def weighted_distance(qf, qw, gf, gw, *, chunk: int | None = None) -> torch.Tens
     return out
 
 
+def ranked_lists(dist, q_pids, q_cams, g_pids, g_cams, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's top-``k`` gallery items under the protocol, in the evaluator's order.
+
+    dist (B,G) float (NaN ranks as +inf); q_pids/q_cams (B,), g_pids/g_cams (G,) integer ->
+    (index (B,k') int64, distance (B,k') float), k' = min(k, G). Junk (pid -1) and the query's
+    same-pid-same-camera items are left out; ties go to the lower gallery index. A row with
+    fewer than k' valid items is padded with index -1 and distance +inf.
+    """
+    qp, qc, gp, gc = map(_as_long, (q_pids, q_cams, g_pids, g_cams))
+    d = torch.as_tensor(dist).nan_to_num(nan=math.inf)
+    drop = (gp == -1).unsqueeze(0) | ((gp.unsqueeze(0) == qp.unsqueeze(1)) & (gc.unsqueeze(0) == qc.unsqueeze(1)))
+    order = torch.sort(d, dim=1, stable=True).indices
+    # A second stable sort on the drop flag: valid items first, still in distance order (an
+    # infinite distance alone could not tell a valid +inf item from a dropped one).
+    order = order.gather(1, torch.sort(drop.gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
+    order = order[:, :min(k, d.shape[1])]
+    pad = drop.gather(1, order)
+    return order.masked_fill(pad, -1), d.gather(1, order).masked_fill(pad, math.inf)
+
+
 # --------------------------------------------------------------------------- metrics
 @dataclass
 class Result:
     """Metrics over the valid queries, fractions in [0, 1].
 
     rank1/rank5/rank10/mAP/mINP: float; cmc: (max_rank,) float64 tensor (cmc[k-1] = Rank-k);
-    num_valid_queries / num_skipped_queries: int; ap_formula: "official" or "standard".
-    Also readable like a dict (``res["mAP"]``, ``res.get(...)``).
+    num_valid_queries / num_skipped_queries: int; ap_formula: "official" or "standard";
+    per_query: each query's AP, INP and first-hit rank (:class:`PerQuery`), which the
+    numbers above summarise. Also readable like a dict (``res["mAP"]``, ``res.get(...)``).
     """
 
     rank1: float
@@ -123,6 +144,7 @@ class Result:
     num_skipped_queries: int
     ap_formula: str
     extra: dict = field(default_factory=dict)
+    per_query: "PerQuery | None" = None
 
     def __getitem__(self, key):
         return getattr(self, key)
@@ -148,8 +170,39 @@ def format_result(res: Result) -> str:
             f"| {res.num_valid_queries} queries{skipped}")
 
 
+@dataclass
+class PerQuery:
+    """One evaluation, query by query; Q = every query evaluated, skipped ones included.
+
+    ap, inp: (Q,) float64 in [0, 1], NaN for a skipped query (no valid gallery match);
+    first: (Q,) int64, the 0-based rank of the query's first true match among its valid
+    gallery items (junk and same-id-same-camera items left out, as everywhere here), -1 for
+    a skipped query; ap_formula: "official" or "standard". :meth:`result` summarises any
+    subset of the queries exactly as evaluating only that subset would.
+    """
+
+    ap: torch.Tensor
+    inp: torch.Tensor
+    first: torch.Tensor
+    ap_formula: str
+
+    def result(self, keep: torch.Tensor | None = None, max_rank: int = 50) -> Result:
+        """Metrics over the queries where ``keep`` (Q,) bool is True (default: all)."""
+        keep = torch.ones_like(self.first, dtype=torch.bool) if keep is None else torch.as_tensor(keep).bool()
+        valid = keep & (self.first >= 0)
+        v = int(valid.sum())
+        width = max(max_rank, 10)
+        first = torch.bincount(self.first[valid].clamp_max(width), minlength=width + 1).double()
+        cmc = torch.cumsum(first[:width], 0) / max(v, 1)
+        # fsum of the per-query values: the order of the queries cannot change the rounding.
+        mean = lambda x: math.fsum(x[valid].tolist()) / max(v, 1)  # noqa: E731
+        return Result(float(cmc[0]), float(cmc[4]), float(cmc[9]), mean(self.ap), mean(self.inp),
+                      cmc[:max_rank].clone(), v, int((keep & ~valid).sum()), self.ap_formula,
+                      per_query=self if bool(keep.all()) else None)
+
+
 class _Accumulator:
-    """Sums per-query AP / INP / first-hit histograms over chunks."""
+    """Collects per-query AP / INP / first-hit ranks over chunks."""
 
     def __init__(self, max_rank: int, ap: str):
         if ap not in AP_FORMULAS:
@@ -157,12 +210,9 @@ class _Accumulator:
         if max_rank < 1:
             raise ValueError(f"max_rank={max_rank}: expected >= 1")
         self.max_rank, self.ap = max_rank, ap
-        self.width = max(max_rank, 10)
-        self.first = torch.zeros(self.width + 1, dtype=torch.float64)  # histogram of min(first hit, width)
-        # Per-query values, summed once at the end: chunking cannot change the rounding.
         self.aps: list[torch.Tensor] = []
         self.inps: list[torch.Tensor] = []
-        self.valid = self.skipped = 0
+        self.firsts: list[torch.Tensor] = []
 
     def add(self, hit: torch.Tensor, rank: torch.Tensor, live: torch.Tensor, npos: torch.Tensor) -> None:
         """Hits of B queries, in any order along L, padded where ``live`` is False.
@@ -170,30 +220,33 @@ class _Accumulator:
         hit (B,L): 0-based index of the hit among the query's hits; rank (B,L): its 0-based
         position among the valid gallery items; live (B,L) bool; npos (B,) int: hits per query.
         """
+        b = npos.shape[0]
+        ap = torch.full((b,), math.nan, dtype=torch.float64)
+        inp = torch.full((b,), math.nan, dtype=torch.float64)
+        first = torch.full((b,), -1, dtype=torch.long)
         has = npos > 0
-        self.skipped += int((~has).sum())
-        if not bool(has.any()):
-            return
-        hit, rank, live, npos = hit[has].double(), rank[has].double(), live[has], npos[has].double()
-        self.valid += int(npos.shape[0])
-        prec = (hit + 1) / (rank + 1)
-        if self.ap == "standard":
-            per_hit = prec
-        else:
-            old = torch.where(rank > 0, hit / rank.clamp_min(1), torch.ones_like(rank))
-            per_hit = (old + prec) / 2
-        self.aps.append(torch.where(live, per_hit, 0.0).sum(1) / npos)
-        last = torch.where(live, rank, -1.0).amax(1)
-        self.inps.append(npos / (last + 1))
-        first = torch.where(live, rank, math.inf).amin(1).clamp_max(self.width).long()
-        self.first += torch.bincount(first, minlength=self.width + 1).double()
+        if bool(has.any()):
+            hit, rank, live, n = hit[has].double(), rank[has].double(), live[has], npos[has].double()
+            prec = (hit + 1) / (rank + 1)
+            if self.ap == "standard":
+                per_hit = prec
+            else:
+                old = torch.where(rank > 0, hit / rank.clamp_min(1), torch.ones_like(rank))
+                per_hit = (old + prec) / 2
+            ap[has] = torch.where(live, per_hit, 0.0).sum(1) / n
+            inp[has] = n / (torch.where(live, rank, -1.0).amax(1) + 1)
+            first[has] = torch.where(live, rank, math.inf).amin(1).long()
+        self.aps.append(ap)
+        self.inps.append(inp)
+        self.firsts.append(first)
+
+    def per_query(self) -> PerQuery:
+        cat = lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
+        return PerQuery(cat(self.aps, torch.float64), cat(self.inps, torch.float64),
+                        cat(self.firsts, torch.long), self.ap)
 
     def result(self) -> Result:
-        v = max(self.valid, 1)
-        cmc = torch.cumsum(self.first[:self.width], 0) / v
-        total = lambda xs: math.fsum(torch.cat(xs).tolist()) if xs else 0.0  # noqa: E731
-        return Result(float(cmc[0]), float(cmc[4]), float(cmc[9]), total(self.aps) / v, total(self.inps) / v,
-                      cmc[:self.max_rank].clone(), self.valid, self.skipped, self.ap)
+        return self.per_query().result(max_rank=self.max_rank)
 
 
 class _Gallery:
@@ -240,7 +293,7 @@ class _Gallery:
 
 
 def _chunk_hits(d: torch.Tensor, q_pids, q_cams, gal: _Gallery):
-    """d (B,G) float32 distances (NaN allowed: ranked as +inf; not modified) -> (hit, rank,
+    """d (B,G) float32 or float64 distances (NaN allowed: ranked as +inf; not modified) -> (hit, rank,
     live, npos) for :meth:`_Accumulator.add`."""
     b, g = d.shape
     cols, pos, ign = gal.same_pid(q_pids, q_cams)
@@ -310,7 +363,7 @@ def _prefix_hits(d, r, c, size, q_pids, q_cams, npos, gal):
         lr = pos_in_k[rr]
         slot = sel - start_all[rr]                              # position within its row
         width = int(sz.max())
-        vals = torch.full((rows.numel(), width), math.inf)
+        vals = torch.full((rows.numel(), width), math.inf, dtype=d.dtype)
         idx = torch.full((rows.numel(), width), gal.size, dtype=torch.long)
         vals[lr, slot] = d[rr, cc]
         idx[lr, slot] = cc
@@ -344,7 +397,7 @@ def _dense_hits(d, cols, pos, ign, gal):
     li = torch.where(member, cols, g)
     ld, order = torch.sort(ld, dim=1, stable=True)           # cols ascending -> (distance, index) order
     li, lpos, lign = li.gather(1, order), pos.gather(1, order), ign.gather(1, order)
-    ld_nan = torch.cat([ld, torch.full((b, 1), math.nan)], 1)   # NaN: equal to nothing
+    ld_nan = torch.cat([ld, torch.full((b, 1), math.nan, dtype=d.dtype)], 1)   # NaN: equal to nothing
     bucket = torch.searchsorted(ld, d)                        # members with a smaller distance
     tied = ld_nan.gather(1, bucket) == d                      # equal to a member's distance: index decides
     tr, tc = tied.nonzero(as_tuple=True)
@@ -375,9 +428,9 @@ def evaluate(dist, q_pids, g_pids, q_cams, g_cams, *, ap: str = "official", max_
              chunk: int | None = None) -> Result:
     """Metrics for a given distance matrix (e.g. after re-ranking).
 
-    dist (Q,G) float (torch or numpy; not modified); q_pids/q_cams (Q,), g_pids/g_cams (G,)
-    integer. ``ap``: "official" or "standard". ``chunk``: queries per block (default and
-    upper bound: CHUNK_ELEMENTS // G).
+    dist (Q,G) float (torch or numpy; not modified; float64 is ranked in float64, anything
+    else in float32); q_pids/q_cams (Q,), g_pids/g_cams (G,) integer. ``ap``: "official" or
+    "standard". ``chunk``: queries per block (default and upper bound: CHUNK_ELEMENTS // G).
     """
     dist = torch.as_tensor(dist)
     qp, gp, qc, gc = map(_as_long, (q_pids, g_pids, q_cams, g_cams))
@@ -386,8 +439,10 @@ def evaluate(dist, q_pids, g_pids, q_cams, g_cams, *, ap: str = "official", max_
     gal = _Gallery(gp, gc)
     acc = _Accumulator(max_rank, ap)
     step = _rows_per_chunk(gal.size, chunk)
+    # float64 stays float64: a cast to float32 would tie distances that differ beyond its precision.
+    dtype = torch.float64 if dist.dtype == torch.float64 else torch.float32
     for s in range(0, dist.shape[0], step):
-        acc.add(*_chunk_hits(dist[s:s + step].float(), qp[s:s + step], qc[s:s + step], gal))
+        acc.add(*_chunk_hits(dist[s:s + step].to(dtype), qp[s:s + step], qc[s:s + step], gal))
     return acc.result()
 
 
@@ -421,7 +476,9 @@ def evaluate_features(qf, qw, gf, gw, q_pids, g_pids, q_cams, g_cams, *, ap: str
 
 
 # --------------------------------------------------------------------------- re-ranking
-def _check_rerank_size(nq: int, ng: int, max_items: int | None) -> None:
+def check_rerank_size(nq: int, ng: int, max_items: int | None = None) -> None:
+    """Raise :class:`RerankTooLarge` when re-ranking ``nq`` queries x ``ng`` gallery items would
+    pass ``max_items`` (default RERANK_MAX_ITEMS): callers check before extracting anything."""
     limit = RERANK_MAX_ITEMS if max_items is None else max_items
     n = nq + ng
     if n > limit:
@@ -429,6 +486,15 @@ def _check_rerank_size(nq: int, ng: int, max_items: int | None) -> None:
         raise RerankTooLarge(
             f"re-ranking {nq} queries x {ng} gallery needs ~{gib:.1f} GiB of memory ({n} items, more than the "
             f"limit of {limit}); evaluate without --rerank, or re-rank a subset of the gallery")
+
+
+def _check_rerank_args(k1: int, k2: int) -> None:
+    # Query expansion averages over each item's k2 nearest, taken from the k1+1 already
+    # ranked: a larger k2 would silently average fewer neighbours than the reference does.
+    if k1 < 1 or not 1 <= k2 <= k1 + 1:
+        raise ValueError(f"re-ranking k1={k1}, k2={k2}: expected k1 >= 1 and 1 <= k2 <= k1 + 1 "
+                         f"(query expansion uses the k1 + 1 nearest); lower k2 to at most {max(k1, 0) + 1} "
+                         "or raise k1")
 
 
 def re_ranking(q_g, q_q, g_g, *, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
@@ -441,11 +507,13 @@ def re_ranking(q_g, q_q, g_g, *, k1: int = 20, k2: int = 6, lambda_value: float 
     already is a squared Euclidean one up to a constant. Memory: about
     RERANK_BYTES_PER_PAIR * (Q+G)^2 bytes; past ``max_items`` (default RERANK_MAX_ITEMS)
     items it raises :class:`RerankTooLarge` (a UserError and ValueError) with the size.
-    Neighbour ties are broken by ``torch.topk`` (no particular order).
+    Neighbour ties are broken by ``torch.topk`` (no particular order). ``k2`` must be at most
+    ``k1 + 1`` (ValueError otherwise): query expansion draws on the k1 + 1 nearest.
     """
+    _check_rerank_args(k1, k2)
     q_g, q_q, g_g = (torch.as_tensor(x).float() for x in (q_g, q_q, g_g))
     nq, ng = q_g.shape
-    _check_rerank_size(nq, ng, max_items)
+    check_rerank_size(nq, ng, max_items)
     n = nq + ng
     if nq == 0 or ng == 0:
         return torch.zeros(nq, ng)
@@ -525,8 +593,9 @@ def rerank_features(qf, qw, gf, gw, *, k1: int = 20, k2: int = 6, lambda_value: 
                     max_items: int | None = None) -> torch.Tensor:
     """Re-ranked (Q,G) float32 distance from part features qf (Q,P,D), qw (Q,P), gf (G,P,D),
     gw (G,P): the three weighted-distance blocks, then :func:`re_ranking`. Refuses (before
-    computing anything) past ``max_items`` items."""
-    _check_rerank_size(qf.shape[0], gf.shape[0], max_items)
+    computing anything) past ``max_items`` items or with ``k2 > k1 + 1``."""
+    _check_rerank_args(k1, k2)
+    check_rerank_size(qf.shape[0], gf.shape[0], max_items)
     return re_ranking(weighted_distance(qf, qw, gf, gw), weighted_distance(qf, qw, qf, qw),
                       weighted_distance(gf, gw, gf, gw), k1=k1, k2=k2, lambda_value=lambda_value,
                       max_items=max_items)

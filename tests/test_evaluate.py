@@ -315,3 +315,53 @@ def test_rerank_refusal_is_a_user_error_and_features_path_refuses_first(monkeypa
     with pytest.raises(UserError, match="3 queries x 9 gallery") as info:
         E.rerank_features(qf, torch.ones(3, 2), torch.zeros(9, 2, 4), torch.ones(9, 2), max_items=11)
     assert isinstance(info.value, ValueError) and "without --rerank" in str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_float64_distances_are_ranked_in_float64(path, monkeypatch):
+    # The negative (index 0) is farther than the positive (index 1) by 1e-9, below float32's
+    # resolution at 1.0 (~6e-8): a cast would tie them and the lower index would win.
+    monkeypatch.setattr(E, "DENSE_FRACTION", PATHS[path][0])
+    monkeypatch.setattr(E, "DENSE_MIN", PATHS[path][1])
+    dist = np.array([[1.0 + 1e-9, 1.0, 1.5]])
+    assert np.float32(dist[0, 0]) == np.float32(dist[0, 1])
+    for d in (dist, torch.from_numpy(dist)):
+        res = E.evaluate(d, [1], [2, 1, 3], [0], [1, 1, 1])
+        assert res.rank1 == 1.0 and res.mAP == 1.0 and res.mINP == 1.0
+    # float32 input keeps its own resolution: the tie goes to the lower index (the negative);
+    # official AP of a single hit at 0-based rank 1: (0/1 + 1/2) / 2
+    tied = E.evaluate(torch.from_numpy(dist).float(), [1], [2, 1, 3], [0], [1, 1, 1])
+    assert tied.rank1 == 0.0 and tied.mAP == pytest.approx(0.25)
+
+
+def test_rerank_refuses_k2_beyond_k1_plus_one(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(12, 4))
+    full = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    q_g, q_q, g_g = full[:4, 4:], full[:4, :4], full[4:, 4:]
+    with pytest.raises(ValueError, match=r"k1=4, k2=6.*k2 to at most 5"):
+        E.re_ranking(q_g, q_q, g_g, k1=4, k2=6)
+    # the largest allowed k2 is the reference algorithm exactly
+    np.testing.assert_allclose(E.re_ranking(q_g, q_q, g_g, k1=4, k2=5).numpy(),
+                               direct_rerank(q_g, q_q, g_g, 4, 5), atol=1e-5)
+    monkeypatch.setattr(E, "weighted_distance", lambda *a, **k: pytest.fail("computed before refusing"))
+    with pytest.raises(ValueError, match="k2"):
+        E.rerank_features(torch.zeros(3, 2, 4), torch.ones(3, 2), torch.zeros(5, 2, 4), torch.ones(5, 2), k1=2, k2=4)
+
+
+def test_eval_speed_difficulty_sets_how_deep_positives_rank():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "eval_speed.py"
+    spec = importlib.util.spec_from_file_location("eval_speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    got = {}
+    for diff in ("easy", "realistic", "hard"):
+        qf, qw, gf, gw, qp, gp, qc, gc = bench.make_problem(300, 3000, difficulty=diff)
+        got[diff] = E.evaluate_features(qf, qw, gf, gw, qp, gp, qc, gc)
+    # the speed-up quoted for each depends on this ordering (the evaluator sorts each row's prefix)
+    assert got["easy"].rank1 > got["realistic"].rank1 > got["hard"].rank1
+    assert got["easy"].mAP > got["realistic"].mAP > got["hard"].mAP
+    assert got["easy"].rank1 > 0.9 and got["hard"].rank1 < 0.6

@@ -211,3 +211,34 @@ def test_resume_on_a_changed_dataset_names_the_difference(tmp_path):
     prepare.make_synthetic(data, ids=20, seed=1, overwrite=True)
     with pytest.raises(UserError, match="10 training ids that differ from the 8 the run was started with"):
         train.train(tiny_opts(data, tmp_path / "runs", "run", "--resume"))
+
+
+def test_rerank_too_large_is_refused_before_extraction(trained, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import evaluate
+    runs, _ = trained
+    shutil.copytree(runs / "run", tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    monkeypatch.setattr(evaluate, "RERANK_MAX_ITEMS", 10)
+    monkeypatch.setattr(test_mod, "extract", lambda *a, **k: pytest.fail("extracted before refusing --rerank"))
+    assert test_mod.main(["--name", "run", "--runs_dir", str(tmp_path), "--workers", "0", "--rerank"]) == 2
+    err = capsys.readouterr().err
+    assert "re-ranking" in err and "limit of 10" in err and "without --rerank" in err and "Traceback" not in err
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert after == before                      # nothing half-done: no result line, no features
+
+
+def test_test_and_demo_default_to_the_run_train_py_writes(trained, tmp_path, capsys):
+    import shutil
+
+    from utils import DEFAULT_RUN
+    runs, _ = trained
+    name = train.build_parser().parse_args([]).name
+    assert name == DEFAULT_RUN == "awpcn" and test_mod.build_parser().parse_args([]).name == name
+    # python train.py; python test.py; python demo.py --query_index N: no --name anywhere
+    shutil.copytree(runs / "run", tmp_path / name)
+    assert test_mod.main(["--runs_dir", str(tmp_path), "--workers", "0"]) == 0
+    assert demo.main(["--runs_dir", str(tmp_path), "--query_index", "2", "--topk", "3"]) == 0
+    assert (tmp_path / name / "show.png").is_file()
+    assert f"{name} [last" in (tmp_path / name / "result.txt").read_text()
