@@ -3,6 +3,7 @@
     python prepare.py --synthetic OUT [--ids 300] [--seed 0] [--occlusion 0.3] [--overwrite]
     python prepare.py --check DIR
     python prepare.py --msmt17 SRC OUT [--link] [--overwrite]
+    python prepare.py --occlude SRC OUT [--fraction 0.5] [--seed 0]   # occlusion benchmark
 
 The synthetic set: pedestrians drawn with numpy, each identity a combination of six
 horizontal body bands whose colours and textures come from a small shared palette (no
@@ -13,6 +14,7 @@ of images has an occluder over the top or bottom band(s), recorded in OUT/occlus
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -25,8 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import converters
 import datasets
-from utils import UserError, cli
+import occluders
+from utils import UserError, cli, staged_folder
 
 HEIGHT, WIDTH, CAMERAS, BANDS = 128, 64, 6, 6
 PALETTE = np.array([[200, 40, 40], [40, 150, 60], [40, 70, 190], [225, 200, 50], [240, 240, 235],
@@ -133,12 +137,10 @@ def make_synthetic(out: str | os.PathLike, *, ids: int = 300, seed: int = 0, occ
     rng = np.random.default_rng([seed, 2])
     idents = {pid: _identity(rng) for pid in range(1, ids + 1)}
     cams = _cameras(rng)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in datasets.SPLITS.values():
-        (tmp / sub).mkdir(parents=True)
     truth = {}
-    try:
+    with staged_folder(out) as tmp:
+        for sub in datasets.SPLITS.values():
+            (tmp / sub).mkdir()
         for n, (sub, pid, cam) in enumerate(plan):
             r = np.random.default_rng([seed, 3, n])
             ident = idents.get(pid) if pid > 0 else (_identity(r) if pid == 0 else None)
@@ -148,17 +150,6 @@ def make_synthetic(out: str | os.PathLike, *, ids: int = 300, seed: int = 0, occ
             truth[f"{sub}/{name}"] = list(rows) if rows else None
         (tmp / "occlusion.json").write_text(json.dumps({"height": HEIGHT, "width": WIDTH, "images": truth},
                                                        indent=0, sort_keys=True))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     counts = defaultdict(int)
     for sub, _, _ in plan:
         counts[sub] += 1
@@ -178,12 +169,16 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=pr
     """Decode every image and report; returns the list of errors (empty = usable)."""
     from tqdm import tqdm
 
-    root, note = datasets.resolve_root(path)
+    root, note = datasets.resolve_root(path, need=("query", "gallery"))
     if note:
         log(note)
-    errors, warnings, splits = [], [], {}
+    test_only = not (root / datasets.SPLITS["train"]).is_dir()
+    errors, warnings, splits, skipped = [], [], {}, []
     for key, sub in datasets.SPLITS.items():
-        items, bad = datasets.scan_split(root / sub)
+        if key == "train" and test_only:
+            splits[key] = []
+            continue
+        items, bad = datasets.scan_split(root / sub, skipped)
         splits[key] = items
         errors += [f"{p}: {why}" for p, why in bad]
     paths = [p for items in splits.values() for p, _, _ in items]
@@ -193,16 +188,21 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=pr
             if why:
                 errors.append(f"{p}: {why}")
     log(f"{root}")
+    if test_only:
+        log("test-only set: no bounding_box_train/ (test.py --data_dir evaluates on it; train.py cannot train on it)")
+    if skipped:
+        log(datasets.skipped_note(root, skipped))
     log("  subset   | # ids | # images | # cameras")
     for key, items in splits.items():
-        usable = [x for x in items if x[1] >= 0] if key != "gallery" else [x for x in items if x[1] != -1]
+        # as datasets.load_dataset: pid 0 (distractor) and -1 (junk) are gallery-only
+        usable = [x for x in items if x[1] > 0] if key != "gallery" else [x for x in items if x[1] != -1]
         log(f"  {key:<8} | {len({p for _, p, _ in usable}):5d} | {len(usable):8d} | "
             f"{len({c for _, _, c in usable}):9d}")
-        if not usable:
+        if not usable and not (key == "train" and test_only):
             errors.append(f"{root / datasets.SPLITS[key]}: no usable images")
     cams_of = defaultdict(set)
     for _, pid, cam in splits["train"]:
-        if pid >= 0:
+        if pid > 0:
             cams_of[pid].add(cam)
     single = sorted(p for p, c in cams_of.items() if len(c) == 1)
     if single:
@@ -211,11 +211,11 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=pr
     gallery = defaultdict(set)
     for _, pid, cam in splits["gallery"]:
         gallery[pid].add(cam)
-    no_match = sorted({pid for _, pid, cam in splits["query"] if pid >= 0 and not (gallery[pid] - {cam})})
+    no_match = sorted({pid for _, pid, cam in splits["query"] if pid > 0 and not (gallery[pid] - {cam})})
     if no_match:
         warnings.append(f"{len(no_match)} query ids have no gallery image from another camera "
                         f"(those queries are skipped in evaluation): {no_match[:20]}" + (" ..." if len(no_match) > 20 else ""))
-    if splits["query"] and len(no_match) == len({p for _, p, _ in splits["query"] if p >= 0}):
+    if splits["query"] and len(no_match) == len({p for _, p, _ in splits["query"] if p > 0}):
         errors.append("no query has a valid gallery match: evaluation would be empty")
     for w in warnings:
         log(f"warning: {w}")
@@ -226,6 +226,9 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=pr
 
 
 # --------------------------------------------------------------------------- MSMT17
+# os.link errors that mean "no hard link possible here" (other filesystem, no support, link
+# limit, protected_hardlinks): --link then copies instead.
+LINK_FALLBACK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK)
 MSMT_LISTS = {"list_train.txt": "bounding_box_train", "list_val.txt": "bounding_box_train",
               "list_query.txt": "query", "list_gallery.txt": "bounding_box_test"}
 
@@ -246,10 +249,9 @@ def convert_msmt17(src: str | os.PathLike, out: str | os.PathLike, *, link: bool
         raise UserError(f"{src}: not an MSMT17 folder: missing {', '.join(missing) or 'train/ or test/ images'}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     counts = defaultdict(int)
-    try:
+    link_failed, copied = "", 0
+    with staged_folder(out) as tmp:
         for list_name, sub in MSMT_LISTS.items():
             (tmp / sub).mkdir(parents=True, exist_ok=True)
             base = img_dirs["train" if sub == "bounding_box_train" else "test"]
@@ -268,19 +270,24 @@ def convert_msmt17(src: str | os.PathLike, out: str | os.PathLike, *, link: bool
                     raise UserError(f"{src / list_name}:{n + 1}: {source} not found")
                 tag = "v" if list_name == "list_val.txt" else "s"
                 dest = tmp / sub / f"{pid:04d}_c{cam}{tag}1_{n:06d}_00{source.suffix.lower()}"
-                if link:
-                    os.link(source, dest)
-                else:
+                linked = False
+                if link and not link_failed:
+                    try:
+                        os.link(source, dest)
+                        linked = True
+                    except OSError as exc:
+                        # e.g. SRC and OUT on different filesystems: copy this and every later file
+                        if exc.errno not in LINK_FALLBACK_ERRNOS:
+                            raise
+                        link_failed = os.strerror(exc.errno)
+                if not linked:
                     shutil.copyfile(source, dest)
+                    copied += 1 if link else 0
                 counts[sub] += 1
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if copied:
+        log(f"--link: cannot hard-link {src} into {out.parent} ({link_failed}); copied {copied} "
+            f"file(s) instead (same result, more disk space)")
     return dict(counts)
 
 
@@ -291,10 +298,30 @@ def main(argv=None) -> int:
     mode.add_argument("--synthetic", metavar="OUT", help="generate the built-in synthetic dataset into OUT")
     mode.add_argument("--check", metavar="DIR", help="decode every image of a dataset and report problems")
     mode.add_argument("--msmt17", nargs=2, metavar=("SRC", "OUT"), help="convert MSMT17 (V1 or V2) into OUT")
+    mode.add_argument("--cuhk03", nargs=2, metavar=("SRC", "OUT"),
+                      help="raw CUHK03 (cuhk-03.mat + new-protocol split files) -> OUT/labeled, OUT/detected")
+    mode.add_argument("--folders", nargs=2, metavar=("SRC", "OUT"),
+                      help="one folder per person, SRC/<person>/[<camera>/]<image> -> train/query/gallery")
+    mode.add_argument("--occluded_reid", nargs=2, metavar=("SRC", "OUT"), help="Occluded-REID -> test-only OUT")
+    mode.add_argument("--partial_reid", nargs=2, metavar=("SRC", "OUT"), help="Partial-REID -> test-only OUT")
+    mode.add_argument("--partial_ilids", nargs=2, metavar=("SRC", "OUT"), help="Partial-iLIDS -> test-only OUT")
+    mode.add_argument("--occlude", nargs=2, metavar=("SRC", "OUT"),
+                      help="occlusion benchmark: SRC's test split with real-image occluders on --fraction of "
+                           "its queries (ground truth in OUT/occlusion.json)")
     ap.add_argument("--ids", type=int, default=300, help="synthetic: identities, half train and half test")
-    ap.add_argument("--seed", type=int, default=0, help="synthetic: seed (same seed, same bytes)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic, folders: seed (same seed, same output)")
     ap.add_argument("--occlusion", type=float, default=0.3, help="synthetic: fraction of occluded images")
-    ap.add_argument("--link", action="store_true", help="msmt17: hard-link instead of copying")
+    ap.add_argument("--link", action="store_true",
+                    help="msmt17: hard-link instead of copying (copies, and says so, where linking is impossible, "
+                         "e.g. across filesystems)")
+    ap.add_argument("--cams", default="auto", choices=["auto", "none"],
+                    help="folders: auto = camera subfolders if present; none = no camera ids (see README)")
+    ap.add_argument("--query_per_id", type=int, default=1, help="folders: queries per (test id, camera)")
+    ap.add_argument("--test_ids", type=float, default=0.5,
+                    help="folders: fraction of identities for testing (1 = all, test-only), or a count > 1")
+    ap.add_argument("--probe", default="partial", choices=["partial", "occluded"],
+                    help="partial_reid: which images are the queries")
+    ap.add_argument("--fraction", type=float, default=0.5, help="occlude: fraction of queries occluded (1 = all)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = ap.parse_args(argv)
     if args.synthetic:
@@ -305,6 +332,22 @@ def main(argv=None) -> int:
         return 0
     if args.check:
         return 1 if check_dataset(args.check) else 0
+    kw = dict(overwrite=args.overwrite)
+    if args.cuhk03:
+        converters.convert_cuhk03(*args.cuhk03, **kw)
+    elif args.folders:
+        converters.convert_folders(*args.folders, cams=args.cams, query_per_id=args.query_per_id,
+                                   test_ids=args.test_ids, seed=args.seed, **kw)
+    elif args.occluded_reid:
+        converters.convert_occluded_reid(*args.occluded_reid, **kw)
+    elif args.partial_reid:
+        converters.convert_partial_reid(*args.partial_reid, probe=args.probe, **kw)
+    elif args.partial_ilids:
+        converters.convert_partial_ilids(*args.partial_ilids, **kw)
+    elif args.occlude:
+        occluders.make_occluded(*args.occlude, fraction=args.fraction, seed=args.seed, **kw)
+    if not args.msmt17:
+        return 0
     convert_msmt17(*args.msmt17, link=args.link, overwrite=args.overwrite)
     return 0
 

@@ -1,0 +1,614 @@
+"""Converters from the datasets people have to the Market-1501 layout AWPCN reads.
+
+One function per format, called by ``prepare.py``:
+
+- ``convert_cuhk03``: the raw CUHK03 release (``cuhk-03.mat``, MATLAB v7.3 = HDF5) and the
+  new-protocol split files (Zhong et al., CVPR 2017) -> ``OUT/labeled``, ``OUT/detected``;
+- ``convert_folders``: one folder per person, ``SRC/<person>/[<camera>/]<image>`` -> train,
+  query and gallery;
+- ``convert_occluded_reid``, ``convert_partial_reid``, ``convert_partial_ilids``: test-only
+  benchmarks -> ``query/`` (the occluded or partial probes, camera 1) and
+  ``bounding_box_test/`` (the whole-body images, camera 2), no ``bounding_box_train/``.
+
+Every converter reads the source without modifying it, refuses a non-empty OUT unless
+``overwrite``, writes into a temp folder beside OUT and renames it at the end (an error or
+Ctrl-C leaves nothing half-converted), decodes every image it writes, and reports only
+through ``log``. Bad input is a one-line UserError naming the path. Each output holds
+``sources.tsv``: every written image and where it came from.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+import datasets
+from utils import UserError, staged_folder
+
+# What a source may hold; formats the reader does not take (datasets.IMG_EXTS) are re-encoded as PNG.
+SRC_IMG_EXTS = datasets.IMG_EXTS + (".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".jfif")
+TRAIN, QUERY, GALLERY = (datasets.SPLITS[k] for k in ("train", "query", "gallery"))
+PROBE_CAM, GALLERY_CAM = 1, 2
+SHOWN = 5
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- shared
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else exc.__class__.__name__)[:200]
+
+
+def _natural(name: str):
+    """Sort key: 'cam2' before 'cam10'."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t]
+
+
+def _shown(names, n: int = SHOWN) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _check_target(src: Path, out: Path, overwrite: bool) -> None:
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents or o in s.parents:
+        raise UserError(f"{out}: the output overlaps the source {src}; choose an OUT outside it "
+                        "(the source is never modified)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another OUT")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+
+
+def _bar(items, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not sys.stderr.isatty())
+
+
+class _Writer:
+    """Writes images into a staged dataset, checking that each decodes, and keeps the
+    ``sources.tsv`` rows. Files the reader takes are copied byte for byte; other formats
+    (``.tif`` ...) are re-encoded as PNG (lossless)."""
+
+    def __init__(self, root: Path, src: Path):
+        self.root, self.src, self.rows, self.bad = root, src, [], []
+        self.counts: Counter = Counter()
+        self.ids: dict = defaultdict(set)
+        self.n = 0
+
+    def _dest(self, split: str, pid: int, cam: int, ext: str, stem: str | None) -> Path:
+        self.n += 1
+        folder = self.root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        self.counts[split] += 1
+        self.ids[split].add(pid)
+        return folder / (f"{pid:04d}_c{cam}{stem}" if stem else f"{pid:04d}_c{cam}s1_{self.n:06d}_00{ext}")
+
+    def copy(self, source: Path, split: str, pid: int, cam: int) -> None:
+        try:
+            img = datasets.load_image(source)
+        except UserError as exc:
+            self.bad.append((source, str(exc)[len(str(source)) + 2:].split("; remove")[0]))
+            return
+        ext = source.suffix.lower()
+        if ext in datasets.IMG_EXTS:
+            dest = self._dest(split, pid, cam, ext, None)
+            shutil.copyfile(source, dest)
+        else:
+            dest = self._dest(split, pid, cam, ".png", None)
+            img.save(dest)
+        self.rows.append((dest.relative_to(self.root).as_posix(), source.relative_to(self.src).as_posix()))
+
+    def array(self, arr: np.ndarray, split: str, pid: int, cam: int, stem: str, origin: str) -> None:
+        """arr (H, W, 3) uint8, written as PNG named ``PID_cCAM<stem>``."""
+        dest = self._dest(split, pid, cam, ".png", stem)
+        Image.fromarray(arr).save(dest)
+        self.rows.append((dest.relative_to(self.root).as_posix(), origin))
+
+    def finish(self) -> None:
+        if self.bad:
+            (path, why), more = self.bad[0], len(self.bad) - 1
+            raise UserError(f"{path}: {why}" + (f"; and {more} more: {_shown(str(p) for p, _ in self.bad[1:])}"
+                                                if more else "")
+                            + "; remove or replace the broken image(s) in the source and run again")
+        text = "output\tsource\n" + "".join(f"{a}\t{b}\n" for a, b in self.rows)
+        (self.root / "sources.tsv").write_text(text, encoding="utf-8")
+
+
+def _list_dir(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """(images, subfolders, other files) directly in ``folder``, each in natural order."""
+    images, dirs, others = [], [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: _natural(e.name)):
+        path = Path(entry.path)
+        if entry.is_dir():
+            dirs.append(path)
+        elif not entry.name.startswith(".") and entry.name.lower().endswith(SRC_IMG_EXTS):
+            images.append(path)
+        else:
+            others.append(path)
+    return images, dirs, others
+
+
+def _child_dir(base: Path, name: str) -> Path | None:
+    """``base/name``, matched case-insensitively (archives differ: Probe/ or probe/)."""
+    if (base / name).is_dir():
+        return base / name
+    for p in sorted(base.iterdir()):
+        if p.is_dir() and p.name.lower() == name.lower():
+            return p
+    return None
+
+
+def _find_layout(src: Path, names: tuple[str, ...], what: str, option: str) -> tuple[Path, dict[str, Path]]:
+    """(base, {name: folder}): the folders ``names`` in ``src`` or in a folder inside it
+    (an unpacked archive)."""
+    if not src.is_dir():
+        raise UserError(f"{src}: no such folder (expected the {what} folder, for {option})")
+    for base in [src] + sorted(p for p in src.iterdir() if p.is_dir()):
+        found = {n: _child_dir(base, n) for n in names}
+        if all(found.values()):
+            return base, found
+    have = sorted(p.name + ("/" if p.is_dir() else "") for p in src.iterdir())
+    missing = [n + "/" for n in names if not _child_dir(src, n)]
+    raise UserError(f"{src}: not a {what} folder: missing {', '.join(missing)} "
+                    f"(found: {_shown(have, 8) or 'nothing'}); point {option} at the folder holding "
+                    f"{', '.join(n + '/' for n in names)}")
+
+
+# --------------------------------------------------------------------------- test-only benchmarks
+def _probe_gallery(src: Path, base: Path, out: Path, probes: list, gallery: list, others: list, *, what: str,
+                   published: str, overwrite: bool, log: Log) -> dict:
+    """Write [(path, pid)] probes as query/ camera 1 and gallery as bounding_box_test/ camera 2.
+
+    ``base``: the dataset folder found in ``src``, which OUT must not overlap."""
+    if not probes or not gallery:
+        raise UserError(f"{src}: no {'probe' if not probes else 'whole-body'} images found; not a {what} folder")
+    shift = 1 if min(pid for _, pid in probes + gallery) == 0 else 0
+    if shift:
+        log(f"{src}: ids shifted by +1 (pid 0 means 'distractor' in the Market-1501 protocol)")
+    _check_target(base, out, overwrite)
+    with staged_folder(out) as tmp:
+        w = _Writer(tmp, src)
+        for split, cam, items in ((QUERY, PROBE_CAM, probes), (GALLERY, GALLERY_CAM, gallery)):
+            for path, pid in _bar(items, split):
+                w.copy(path, split, pid + shift, cam)
+        w.finish()
+    stats = {"query": w.counts[QUERY], "gallery": w.counts[GALLERY], "query_ids": len(w.ids[QUERY]),
+             "gallery_ids": len(w.ids[GALLERY]), "non_images": len(others)}
+    unmatched = sorted(w.ids[QUERY] - w.ids[GALLERY])
+    stats["unmatched_ids"] = unmatched
+    log(f"{out}: {what}, test-only: query {stats['query']} images of {stats['query_ids']} ids (camera {PROBE_CAM}), "
+        f"gallery {stats['gallery']} images of {stats['gallery_ids']} ids (camera {GALLERY_CAM}); "
+        f"published: {published}")
+    if unmatched:
+        log(f"warning: {len(unmatched)} probe ids have no whole-body image (those queries are skipped in "
+            f"evaluation): {_shown(map(str, unmatched), 20)}")
+    if others:
+        log(f"skipped {len(others)} non-image file(s): {_shown(str(p.relative_to(src)) for p in others)}")
+    return stats
+
+
+def _pid_of(path: Path, pattern: re.Pattern, expected: str) -> int:
+    m = pattern.match(path.name)
+    if not m:
+        raise UserError(f"{path}: name does not match {expected}")
+    return int(m.group(1))
+
+
+def convert_occluded_reid(src, out, *, overwrite: bool = False, log: Log = print) -> dict:
+    """Occluded-REID (Zhuo et al., ICME 2018): ``occluded_body_images/<PPP>/<PPP>_<NN>.tif``
+    and ``whole_body_images/<PPP>/...`` -> query (occluded) and gallery (whole body)."""
+    src, out = Path(src), Path(out)
+    base, dirs = _find_layout(src, ("occluded_body_images", "whole_body_images"), "Occluded-REID", "--occluded_reid")
+    lists, others = {}, []
+    for key, folder in dirs.items():
+        images, persons, rest = _list_dir(folder)
+        if images:
+            raise UserError(f"{images[0]}: an image directly in {folder.name}/; Occluded-REID keeps one folder per "
+                            "person (<PPP>/<PPP>_<NN>.tif); for <PPP>_<NNN>.jpg files use --partial_reid")
+        others += rest
+        items = []
+        for person in persons:
+            if not person.name.isdigit():
+                raise UserError(f"{person}: person folder name is not a number (expected {folder.name}/<PPP>/)")
+            imgs, sub, rest = _list_dir(person)
+            others += rest + sub
+            items += [(p, int(person.name)) for p in imgs]
+        lists[key] = items
+    return _probe_gallery(src, base, out, lists["occluded_body_images"], lists["whole_body_images"], others,
+                          what="Occluded-REID", published="200 ids, 1,000 occluded and 1,000 whole-body images",
+                          overwrite=overwrite, log=log)
+
+
+PARTIAL_REID_NAME = re.compile(r"^(\d+)_\d+\.\w+$")
+
+
+def convert_partial_reid(src, out, *, probe: str = "partial", overwrite: bool = False, log: Log = print) -> dict:
+    """Partial-REID (Zheng et al., ICCV 2015): ``partial_body_images/<PPP>_<NNN>.jpg``,
+    ``occluded_body_images/...`` and ``whole_body_images/...``; ``probe`` picks the query folder."""
+    if probe not in ("partial", "occluded"):
+        raise UserError(f"--probe {probe}: expected partial or occluded")
+    src, out = Path(src), Path(out)
+    probe_dir = f"{probe}_body_images"
+    base, dirs = _find_layout(src, (probe_dir, "whole_body_images"), "Partial-REID", "--partial_reid")
+    lists, others = {}, []
+    for key, folder in dirs.items():
+        images, sub, rest = _list_dir(folder)
+        if sub and not images:
+            raise UserError(f"{folder}: holds folders ({_shown(p.name for p in sub)}), not <PPP>_<NNN>.jpg images; "
+                            "for one folder per person (Occluded-REID) use --occluded_reid")
+        others += rest + sub
+        lists[key] = [(p, _pid_of(p, PARTIAL_REID_NAME, "<PPP>_<NNN>.jpg (Partial-REID)")) for p in images]
+    return _probe_gallery(src, base, out, lists[probe_dir], lists["whole_body_images"], others,
+                          what=f"Partial-REID ({probe} probes)",
+                          published="60 ids, 300 partial and 300 whole-body images", overwrite=overwrite, log=log)
+
+
+PARTIAL_ILIDS_NAME = re.compile(r"^(\d+)\.\w+$")
+
+
+def convert_partial_ilids(src, out, *, overwrite: bool = False, log: Log = print) -> dict:
+    """Partial-iLIDS (Zheng et al., ICCV 2015): ``Probe/<N>.jpg`` and ``Gallery/<N>.jpg``, N = id."""
+    src, out = Path(src), Path(out)
+    base, dirs = _find_layout(src, ("Probe", "Gallery"), "Partial-iLIDS", "--partial_ilids")
+    lists, others = {}, []
+    for key, folder in dirs.items():
+        images, sub, rest = _list_dir(folder)
+        others += rest + sub
+        lists[key] = [(p, _pid_of(p, PARTIAL_ILIDS_NAME, "<N>.jpg, N = person id (Partial-iLIDS)")) for p in images]
+    return _probe_gallery(src, base, out, lists["Probe"], lists["Gallery"], others, what="Partial-iLIDS",
+                          published="119 ids, 119 partial and 119 whole-body images", overwrite=overwrite, log=log)
+
+
+# --------------------------------------------------------------------------- one folder per person
+def _parse_test_ids(value: float) -> tuple[float | None, int | None]:
+    if 0 < value <= 1:
+        return float(value), None
+    if value > 1 and float(value).is_integer():
+        return None, int(value)
+    raise UserError(f"--test_ids {value}: a fraction of the identities in (0, 1] (1 = all: a test-only set) "
+                    "or a number of identities > 1")
+
+
+def _pick_queries(by_cam: dict, q: int, rng: np.random.Generator) -> set:
+    """Queries of one person with images from >= 2 cameras: up to ``q`` per camera, such
+    that every query keeps a gallery match from another camera. by_cam {cam: [paths]}."""
+    cams = sorted(by_cam, key=_natural)
+    take = {c: min(q, len(by_cam[c])) for c in cams}
+    left = [c for c in cams if len(by_cam[c]) > take[c]]
+    if not left:      # every image taken: the camera with fewest images becomes gallery
+        take[min(cams, key=lambda c: len(by_cam[c]))] = 0
+    elif len(left) == 1:  # the only camera with gallery images cannot also hold queries
+        take[left[0]] = 0
+    picked = set()
+    for c in cams:
+        idx = rng.choice(len(by_cam[c]), size=take[c], replace=False) if take[c] else []
+        picked |= {by_cam[c][int(i)] for i in idx}
+    return picked
+
+
+def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test_ids: float = 0.5, seed: int = 0,
+                    overwrite: bool = False, log: Log = print) -> dict:
+    """``SRC/<person>/<image>`` (or ``SRC/<person>/<camera>/<image>``) -> Market layout.
+
+    Persons (natural order of folder names) become pids 1..N (``persons.tsv``). Test ids are
+    drawn (seeded) among the persons that can be queried; each gets ``query_per_id`` queries
+    per camera, the rest of its images go to the gallery. Without cameras (``cams="none"``,
+    or no camera subfolders): queries are written as camera 1 and the gallery as camera 2, so
+    the evaluator's same-camera filter never removes a match: every other image of the
+    person counts (the query itself is never in the gallery).
+    """
+    src, out = Path(src), Path(out)
+    if cams not in ("auto", "none"):
+        raise UserError(f"--cams {cams}: expected auto or none")
+    if query_per_id < 1:
+        raise UserError(f"--query_per_id {query_per_id}: must be at least 1")
+    frac, count = _parse_test_ids(test_ids)
+    if not src.is_dir():
+        raise UserError(f"{src}: no such folder (expected one folder per person: {src}/<person>/<image>)")
+    _check_target(src, out, overwrite)
+    stray, person_dirs, others = _list_dir(src)      # images at the top are no one's
+    deeper = []                                        # images below <person>/<camera>/
+    skipped_dirs = [p for p in person_dirs if p.name.startswith(".")]
+    person_dirs = [p for p in person_dirs if not p.name.startswith(".")]
+    if not person_dirs:
+        raise UserError(f"{src}: no person folders (expected {src}/<person>/<image>, one folder per person)")
+    listing = {p: _list_dir(p) for p in person_dirs}
+    with_cams = [p for p, (_, subs, _) in listing.items() if any(_list_dir(s)[0] for s in subs)]
+    flat = [p for p, (imgs, _, _) in listing.items() if imgs]
+    use_cams = cams == "auto" and bool(with_cams)
+    if use_cams and flat:
+        raise UserError(f"{src}: {len(with_cams)} person folders hold camera subfolders "
+                        f"({_shown((p.name for p in with_cams), 3)}) and {len(flat)} hold images directly "
+                        f"({_shown((p.name for p in flat), 3)}); arrange them alike, or pass --cams none to "
+                        "ignore the subfolders")
+    persons = []           # (folder, {camera subfolder name or "": [image paths]})
+    for person, (imgs, subs, rest) in listing.items():
+        others += rest
+        nested = [f for sub in subs for f in sorted(sub.rglob("*"), key=lambda f: _natural(str(f))) if f.is_file()]
+        if use_cams:
+            by_cam = {sub.name: _list_dir(sub)[0] for sub in subs}
+            taken = {x for v in by_cam.values() for x in v}
+            deeper += [f for f in nested if f not in taken and f.name.lower().endswith(SRC_IMG_EXTS)]
+            taken |= set(deeper)
+        else:
+            by_cam = {"": imgs + [f for f in nested if not f.name.startswith(".")
+                                  and f.name.lower().endswith(SRC_IMG_EXTS)]}
+            taken = set(by_cam[""])
+        others += [f for f in nested if f not in taken]
+        by_cam = {c: v for c, v in by_cam.items() if v}
+        if by_cam:
+            persons.append((person, by_cam))
+        else:
+            skipped_dirs.append(person)
+    if not persons:
+        raise UserError(f"{src}: no images in any person folder (looked for {', '.join(SRC_IMG_EXTS)})")
+    cam_names = sorted({c for _, by_cam in persons for c in by_cam}, key=_natural)
+    cam_id = {c: i + 1 for i, c in enumerate(cam_names)} if use_cams else {"": PROBE_CAM}
+    pid_of = {person: i + 1 for i, (person, _) in enumerate(persons)}
+    eligible = [p for p, by_cam in persons if (len(by_cam) >= 2 if use_cams else len(by_cam[""]) >= 2)]
+    if not eligible:
+        raise UserError(f"{src}: no person has {'images from two cameras' if use_cams else 'two images'}; "
+                        "a query needs a gallery image of the same person")
+    rng = np.random.default_rng(seed)
+    n_test = count if count is not None else max(1, round(frac * len(eligible)))
+    if n_test > len(eligible):
+        raise UserError(f"--test_ids {test_ids}: only {len(eligible)} persons have "
+                        f"{'images from two cameras' if use_cams else 'two images'}")
+    test_only = frac == 1.0
+    if not test_only and n_test == len(persons):
+        if n_test == 1:
+            raise UserError(f"{src}: one person cannot be split into training and test; pass --test_ids 1 "
+                            "for a test-only set")
+        n_test -= 1
+    order = rng.permutation(len(eligible))
+    test = {eligible[int(i)] for i in order[:n_test]}
+    single = [p for p, _ in persons if p not in eligible]
+    with staged_folder(out) as tmp:
+        w = _Writer(tmp, src)
+        rows = []
+        for person, by_cam in _bar(persons, "persons"):
+            pid = pid_of[person]
+            paths = [(x, c) for c in sorted(by_cam, key=_natural) for x in by_cam[c]]
+            if person in test:
+                r = np.random.default_rng([seed, pid])
+                if use_cams:
+                    queries = _pick_queries(by_cam, query_per_id, r)
+                else:   # the query's own image never stays in the gallery; at least one image does
+                    imgs = by_cam[""]
+                    queries = {imgs[int(i)] for i in r.choice(len(imgs), min(query_per_id, len(imgs) - 1), False)}
+                for x, c in paths:
+                    is_q = x in queries
+                    cam = cam_id[c] if use_cams else (PROBE_CAM if is_q else GALLERY_CAM)
+                    w.copy(x, QUERY if is_q else GALLERY, pid, cam)
+                split = "test"
+            else:
+                # A person who cannot be queried trains, or in a test-only set joins the gallery.
+                target = GALLERY if test_only else TRAIN
+                for x, c in paths:
+                    w.copy(x, target, pid, cam_id[c] if use_cams else (GALLERY_CAM if test_only else PROBE_CAM))
+                split = "gallery" if test_only else "train"
+            rows.append(f"{pid}\t{split}\t{person.name}\t{len(paths)}\n")
+        w.finish()
+        (tmp / "persons.tsv").write_text("pid\tsplit\tfolder\timages\n" + "".join(rows), encoding="utf-8")
+    stats = {"persons": len(persons), "images": sum(w.counts.values()), "train": w.counts[TRAIN],
+             "query": w.counts[QUERY], "gallery": w.counts[GALLERY], "train_ids": len(w.ids[TRAIN]),
+             "query_ids": len(w.ids[QUERY]), "gallery_ids": len(w.ids[GALLERY]),
+             "cameras": len(cam_names) if use_cams else 0, "single": [p.name for p in single],
+             "non_images": len(others), "stray_images": len(stray), "deeper_images": len(deeper),
+             "skipped_folders": [p.name for p in skipped_dirs]}
+    log(f"{out}: {stats['persons']} persons, {stats['images']} images -> "
+        + (f"train {stats['train_ids']} ids / {stats['train']} images, " if not test_only else "test-only, ")
+        + f"query {stats['query_ids']} ids / {stats['query']}, gallery {stats['gallery_ids']} ids / {stats['gallery']}")
+    if use_cams:
+        log(f"cameras from the subfolders: {', '.join(f'{cam_id[c]}={c}' for c in cam_names)}; up to "
+            f"{query_per_id} quer{'y' if query_per_id == 1 else 'ies'} per (test id, camera), each with a match "
+            "from another camera; evaluated with the Market-1501 same-camera filter")
+    else:
+        log("no camera information: queries are written as camera 1 and the gallery as camera 2, so every other "
+            "image of the person counts as a match, same-camera ones included (scores read higher than under the "
+            "camera-filtered protocol; see README)")
+    if single:
+        why = "images from one camera" if use_cams else "one image"
+        log(f"{len(single)} person(s) with {why} cannot be both query and gallery; they went to "
+            f"{'the gallery (no query)' if test_only else TRAIN + '/'}: {_shown(p.name for p in single)}")
+    if skipped_dirs:
+        log(f"skipped {len(skipped_dirs)} folder(s), hidden or without images: {_shown(p.name for p in skipped_dirs)}")
+    if stray:
+        log(f"skipped {len(stray)} image(s) outside a person folder: {_shown(p.name for p in stray)}")
+    if deeper:
+        log(f"skipped {len(deeper)} image(s) below <person>/<camera>/: "
+            f"{_shown(str(p.relative_to(src)) for p in deeper)}")
+    if others:
+        log(f"skipped {len(others)} non-image file(s): {_shown(str(p.relative_to(src)) for p in others)}")
+    return stats
+
+
+# --------------------------------------------------------------------------- CUHK03
+CUHK03_MAT = "cuhk-03.mat"
+CUHK03_PROTOCOL = {"labeled": "cuhk03_new_protocol_config_labeled.mat",
+                   "detected": "cuhk03_new_protocol_config_detected.mat"}
+CUHK03_PUBLISHED = {"labeled": "7,368 / 1,400 / 5,328", "detected": "7,365 / 1,400 / 5,332"}
+CUHK03_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)(\.\w+)?$")    # pair_person_view_image.png, 1-based
+PROTOCOL_KEYS = ("filelist", "labels", "camId", "train_idx", "query_idx", "gallery_idx")
+
+
+def _read_protocol(path: Path, mat_path: Path) -> dict:
+    """A new-protocol split file (MATLAB v5) -> names, labels, views and 0-based split indices."""
+    import scipy.io
+
+    try:
+        m = scipy.io.loadmat(str(path))
+    except (OSError, ValueError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
+        raise UserError(f"{path}: not a readable MATLAB .mat file ({_one_line(exc)})") from None
+    missing = [k for k in PROTOCOL_KEYS if k not in m]
+    if missing:
+        have = sorted(k for k in m if not k.startswith("__"))
+        raise UserError(f"{path}: no {', '.join(missing)} (has: {', '.join(have) or 'nothing'}); "
+                        "not a CUHK03 new-protocol split file")
+    fl = m["filelist"].ravel()
+    names = [str(np.asarray(x).ravel()[0]).strip() if fl.dtype == object else str(x).strip() for x in fl]
+
+    def mismatch(what: str) -> UserError:
+        return UserError(f"{path}: does not match {mat_path}: {what}; use the split files published "
+                         "with the new protocol, unmodified")
+
+    labels, views = m["labels"].ravel().astype(np.int64), m["camId"].ravel().astype(np.int64)
+    if len(labels) != len(names) or len(views) != len(names):
+        raise mismatch(f"{len(names)} file names but {len(labels)} labels and {len(views)} camIds")
+    split = {}
+    for key in ("train", "query", "gallery"):
+        idx = m[f"{key}_idx"].ravel().astype(np.int64) - 1
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(names)):
+            raise mismatch(f"{key}_idx holds {int(idx.min()) + 1}..{int(idx.max()) + 1}, outside 1..{len(names)}")
+        split[key] = idx
+    every = np.concatenate(list(split.values()))
+    if len(np.unique(every)) != len(every):
+        raise mismatch("an image is listed twice in train_idx/query_idx/gallery_idx")
+    train_ids, test_ids = set(labels[split["train"]].tolist()), set(labels[np.concatenate(
+        [split["query"], split["gallery"]])].tolist())
+    if train_ids & test_ids:
+        raise mismatch(f"{len(train_ids & test_ids)} ids are in both training and test")
+    return {"path": path, "names": names, "labels": labels, "views": views, "split": split,
+            "unused": len(names) - len(every), "mismatch": mismatch}
+
+
+def _cuhk03_cells(f, kind: str, mat_path: Path) -> list:
+    """The camera pairs of ``f[kind]`` as (persons, 10) arrays of HDF5 object references."""
+    import h5py
+
+    if kind not in f:
+        raise UserError(f"{mat_path}: no '{kind}' variable (has: {', '.join(sorted(f.keys()))}); "
+                        "not the raw CUHK03 cuhk-03.mat")
+    pairs = f[kind]
+    if not isinstance(pairs, h5py.Dataset) or pairs.dtype != h5py.ref_dtype:
+        raise UserError(f"{mat_path}: '{kind}' is not a cell array of camera pairs; not the raw CUHK03 cuhk-03.mat")
+    cells = []
+    for ref in pairs[()].ravel():
+        table = f[ref]
+        # MATLAB stores arrays column-major: a persons x 10 cell reads as (10, persons).
+        if not isinstance(table, h5py.Dataset) or table.dtype != h5py.ref_dtype or table.ndim != 2 \
+                or table.shape[0] != 10:
+            raise UserError(f"{mat_path}: '{kind}' camera pair {len(cells) + 1} is not a persons x 10 cell of "
+                            f"images (shape {getattr(table, 'shape', '?')}); not the raw CUHK03 cuhk-03.mat")
+        cells.append(table[()].T)
+    return cells
+
+
+def _cuhk03_image(f, ref) -> np.ndarray | None:
+    """One cell: (H, W, 3) uint8, or None for an empty cell (a missing image)."""
+    ds = f[ref]
+    if ds.attrs.get("MATLAB_empty") or ds.ndim < 3 or ds.size == 0:
+        return None
+    arr = ds[()]
+    if arr.dtype != np.uint8 or arr.shape[0] != 3:
+        raise ValueError(f"dtype {arr.dtype}, shape {arr.shape}: expected uint8 (3, W, H)")
+    return np.ascontiguousarray(arr.transpose(2, 1, 0))      # stored transposed: (3, W, H) -> (H, W, 3)
+
+
+def convert_cuhk03(src, out, *, overwrite: bool = False, log: Log = print) -> dict:
+    """Raw CUHK03 -> CUHK03-NP (new protocol, Zhong et al. CVPR 2017), ``OUT/labeled`` and
+    ``OUT/detected``, each in the Market layout.
+
+    ``src``: the folder holding ``cuhk-03.mat`` (or its ``cuhk03_release/``) and the two
+    ``cuhk03_new_protocol_config_*.mat`` files, or ``cuhk-03.mat`` itself. Names are
+    ``PID_cCAM_<protocol file name>``: pid = the protocol's label, camera = 2 * (pair - 1) +
+    view (1..10), so a pair's two views are two cameras and the reader needs nothing else.
+    """
+    import h5py  # only this converter needs it
+
+    src, out = Path(src), Path(out)
+    if src.is_file():
+        dirs = [src.parent, src.parent.parent]
+        mat_path = src
+    elif src.is_dir():
+        dirs = [src, src / "cuhk03_release"]
+        mat_path = next((d / CUHK03_MAT for d in dirs if (d / CUHK03_MAT).is_file()), None)
+        if mat_path is None:
+            raise UserError(f"{src}: no {CUHK03_MAT} here or in {src / 'cuhk03_release'} "
+                            "(the raw CUHK03 release, MATLAB v7.3)")
+    else:
+        raise UserError(f"{src}: no such folder (expected the folder holding {CUHK03_MAT})")
+    dirs = list(dict.fromkeys(dirs + [mat_path.parent]))
+    protocols = {}
+    for kind, name in CUHK03_PROTOCOL.items():
+        path = next((d / name for d in dirs if (d / name).is_file()), None)
+        if path is None:
+            raise UserError(f"{dirs[0] / name}: not found (looked in {', '.join(map(str, dirs))}); put the CUHK03 "
+                            "new-protocol split files (Zhong et al., CVPR 2017) beside cuhk-03.mat")
+        protocols[kind] = _read_protocol(path, mat_path)
+    _check_target(mat_path.parent if src.is_file() else src, out, overwrite)
+    try:
+        f = h5py.File(mat_path, "r")
+    except OSError as exc:
+        raise UserError(f"{mat_path}: not a readable MATLAB v7.3 (HDF5) file ({_one_line(exc)}); the raw CUHK03 "
+                        "release's cuhk-03.mat is one") from None
+    stats = {}
+    with f, staged_folder(out) as tmp:
+        for kind, proto in protocols.items():
+            stats[kind] = _write_cuhk03(f, _cuhk03_cells(f, kind, mat_path), proto, tmp / kind, kind, mat_path,
+                                        log)
+    for kind, s in stats.items():
+        log(f"{out / kind}: train {s['train']} images / {s['train_ids']} ids, query {s['query']}, gallery "
+            f"{s['gallery']} / {s['test_ids']} ids (published train / query / gallery: {CUHK03_PUBLISHED[kind]})")
+        if s["unused_cells"] or s["unused_names"]:
+            log(f"warning: {kind}: {s['unused_cells']} images of {mat_path.name} and {s['unused_names']} names of "
+                f"{protocols[kind]['path'].name} are in no split, so not written")
+    return stats
+
+
+def _write_cuhk03(f, cells: list, proto: dict, root: Path, kind: str, mat_path: Path, log: Log) -> dict:
+    mismatch, names, labels, views = proto["mismatch"], proto["names"], proto["labels"], proto["views"]
+    shift = 1 if labels.min() == 0 else 0
+    if shift:
+        log(f"{proto['path']}: labels shifted by +1 (pid 0 means 'distractor' in the Market-1501 protocol)")
+    w = _Writer(root, mat_path.parent)
+    owner: dict = {}
+    used = set()
+    jobs = [(split, i) for split, key in ((TRAIN, "train"), (QUERY, "query"), (GALLERY, "gallery"))
+            for i in proto["split"][key].tolist()]
+    for split, i in _bar(jobs, kind):
+        name = names[i]
+        m = CUHK03_NAME.match(name)
+        if not m:
+            raise mismatch(f"file name {name!r} (row {i + 1}) is not PAIR_PERSON_VIEW_IMAGE.png")
+        pair, person, view, image = (int(g) for g in m.groups()[:4])
+        if not (1 <= pair <= len(cells) and 1 <= person <= cells[pair - 1].shape[0] and 1 <= image <= 10):
+            raise mismatch(f"{name} (row {i + 1}) is outside the {kind} cells of {mat_path.name}")
+        if view not in (1, 2) or views[i] != view:
+            raise mismatch(f"{name} (row {i + 1}) has camId {views[i]}, its name says view {view}")
+        pid = int(labels[i]) + shift
+        if owner.setdefault((pair, person), pid) != pid:
+            raise mismatch(f"person {person} of pair {pair} has labels {owner[(pair, person)]} and {pid}")
+        try:
+            img = _cuhk03_image(f, cells[pair - 1][person - 1, image - 1])
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{mat_path}: {kind} pair {pair} person {person} image {image} unreadable "
+                            f"({_one_line(exc)})") from None
+        if img is None:
+            raise mismatch(f"{name} (row {i + 1}) is an empty cell of {kind} in {mat_path.name}")
+        used.add((pair, person, image))
+        w.array(img, split, pid, 2 * (pair - 1) + view, f"_{Path(name).stem}.png",
+                f"{mat_path.name}:{kind}[pair {pair}][person {person}, image {image}]")
+    if len(set(owner.values())) != len(owner):
+        raise mismatch("one label names persons of two camera pairs")
+    w.finish()
+    unused = sum(1 for p, table in enumerate(cells, 1) for (r, c), ref in np.ndenumerate(table)
+                 if (p, r + 1, c + 1) not in used and _nonempty(f, ref))
+    return {"train": w.counts[TRAIN], "query": w.counts[QUERY], "gallery": w.counts[GALLERY],
+            "train_ids": len(w.ids[TRAIN]), "test_ids": len(w.ids[QUERY] | w.ids[GALLERY]),
+            "unused_cells": unused, "unused_names": proto["unused"]}
+
+
+def _nonempty(f, ref) -> bool:
+    ds = f[ref]
+    return not ds.attrs.get("MATLAB_empty") and ds.ndim == 3 and ds.size > 0
