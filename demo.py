@@ -1,11 +1,15 @@
 """Show one query's top-k gallery matches with the part weights the model used.
 
-    python demo.py --name RUN --query_index N [--topk 10]
+    python demo.py [--name RUN] --query_index N [--topk 10]
+    python demo.py [--name RUN] --query IMAGE --gallery DIR [--topk 10] [--no_cache]
 
-Reads model/RUN/features.pt (written by test.py) and saves model/RUN/show.png.
-Green border: same identity; red: different. Under each image: its distance to the
-query. Beside each image: a strip of its P part weights, one cell per stripe, darker =
-trusted more (numbers in the cells).
+--query_index: a query of the run's test set; reads model/RUN/features.pt (written by
+test.py) and saves model/RUN/show.png. Green border: same identity; red: different.
+--query/--gallery: your own images (any names, any depth under DIR; search.py): prints the
+ranked list with distances and saves model/RUN/search.png, without borders (identities
+unknown); gallery features are cached in model/RUN/search_cache/.
+Under each image: its distance to the query. Beside each image: a strip of its P part
+weights, one cell per stripe, darker = trusted more (numbers in the cells).
 """
 from __future__ import annotations
 
@@ -13,10 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 import evaluate
-from utils import FEATURES_FILE, UserError, cli, load_features, save_figure
+from utils import DEFAULT_RUN, FEATURES_FILE, UserError, cli, load_features, save_figure
 
 def rank_gallery(feats: dict, index: int, topk: int, weighting: str):
     """Gallery ranking of query ``index`` under the evaluation protocol.
@@ -26,14 +28,11 @@ def rank_gallery(feats: dict, index: int, topk: int, weighting: str):
     """
     q, g = feats["query"], feats["gallery"]
     qw, gw = evaluate.weights_for(weighting, q["weights"][index:index + 1], g["weights"])
-    dist = evaluate.weighted_distance(q["emb"][index:index + 1], qw, g["emb"], gw)[0]
-    pid, cam = int(q["pids"][index]), int(q["cams"][index])
-    drop = (g["pids"] == -1) | ((g["pids"] == pid) & (g["cams"] == cam))
-    dist = dist.masked_fill(drop, float("inf"))
-    k = min(topk, int((~drop).sum()))
-    # Stable sort: ties go to the lower gallery index, as in evaluate.py.
-    order = torch.sort(dist, stable=True).indices[:k]
-    return order, dist[order]
+    dist = evaluate.weighted_distance(q["emb"][index:index + 1], qw, g["emb"], gw)
+    order, dist = evaluate.ranked_lists(dist, q["pids"][index:index + 1], q["cams"][index:index + 1],
+                                        g["pids"], g["cams"], topk)
+    keep = order[0] >= 0
+    return order[0][keep], dist[0][keep]
 
 
 def draw(feats: dict, index: int, order, dists, path: Path) -> None:
@@ -43,7 +42,8 @@ def draw(feats: dict, index: int, order, dists, path: Path) -> None:
     from PIL import Image
 
     q, g = feats["query"], feats["gallery"]
-    qpid = int(q["pids"][index])
+    known = q.get("pids") is not None       # None: the user's own images (search mode)
+    qpid = int(q["pids"][index]) if known else None
     cols = 1 + len(order)
     fig, axes = plt.subplots(1, cols, figsize=(1.5 * cols, 3.4), squeeze=False)
     parts = int(q["weights"].shape[1])
@@ -54,7 +54,7 @@ def draw(feats: dict, index: int, order, dists, path: Path) -> None:
         except OSError:
             ax.text(0.5, 0.5, "missing\nimage", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks([]), ax.set_yticks([])
-        for side in ax.spines.values():
+        for side in ax.spines.values() if colour else ():
             side.set_color(colour), side.set_linewidth(4)
         ax.set_title(title, fontsize=8)
         ax.set_xlabel(caption, fontsize=8)
@@ -67,19 +67,62 @@ def draw(feats: dict, index: int, order, dists, path: Path) -> None:
             wax.text(0, i, f"{val:.2f}", ha="center", va="center", fontsize=5, rotation=90)
         wax.set_xticks([]), wax.set_yticks([])
 
-    panel(axes[0, 0], q["paths"][index], q["weights"][index], f"query {index}\nid {qpid}", "black", "query")
+    def short(path):
+        name = Path(path).name
+        return name if len(name) <= 18 else name[:8] + "…" + name[-9:]
+
+    panel(axes[0, 0], q["paths"][index], q["weights"][index],
+          f"query {index}\nid {qpid}" if known else f"query\n{short(q['paths'][index])}", "black", "query")
     for j, (gi, d) in enumerate(zip(order.tolist(), dists.tolist())):
-        gpid = int(g["pids"][gi])
-        panel(axes[0, j + 1], g["paths"][gi], g["weights"][gi], f"#{j + 1} id {gpid}",
-              "green" if gpid == qpid else "red", f"d={d:.3f}")
-    fig.suptitle(f"run {feats.get('run', '?')}: query {index} and its top-{len(order)} "
-                 "(border green = same id, red = different; strips: part weights)", fontsize=9)
+        gpid = int(g["pids"][gi]) if known else None
+        panel(axes[0, j + 1], g["paths"][gi], g["weights"][gi],
+              f"#{j + 1} id {gpid}" if known else f"#{j + 1}\n{short(g['paths'][gi])}",
+              ("green" if gpid == qpid else "red") if known else None, f"d={d:.3f}")
+    fig.suptitle(f"run {feats.get('run', '?')}: {f'query {index}' if known else 'the query'} and its top-{len(order)} "
+                 + ("(border green = same id, red = different; strips: part weights)" if known
+                    else f"in {feats.get('gallery_dir', 'the gallery')} (strips: part weights)"), fontsize=9)
     fig.subplots_adjust(wspace=0.35)
     save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def run_search(args: argparse.Namespace) -> Path:
+    """--query IMAGE --gallery DIR: rank the user's own images, print the list, draw it."""
+    import search
+    from inference import Extractor, find_run
+
+    if not (args.query and args.gallery) or args.query_index is not None:
+        raise UserError("search your own images with --query IMAGE --gallery DIR together, without --query_index")
+    if args.topk < 1:
+        raise UserError(f"--topk {args.topk}: must be at least 1")
+    run_dir = find_run(args.runs_dir, args.name)
+    ext = Extractor.from_run(run_dir, args.which, device=args.device, batch_size=args.batchsize)
+    weighting = args.weighting or ext.weighting
+    res = search.search(ext, args.query, args.gallery, topk=args.topk, weighting=weighting,
+                        cache_dir=None if args.no_cache else run_dir / search.CACHE_DIR)
+    print(f"query {args.query} vs {len(res['paths']) - len(res['self'])} images under {args.gallery} "
+          f"({res['extracted']} extracted, {res['cached']} from the cache) | run {args.name} "
+          f"[{args.which}, epoch {ext.epoch}] | weights: {weighting}")
+    for note in search.notes(res, args.gallery):
+        print(note)
+    print(f"{'rank':>4}  {'distance':>8}  image")
+    for j, (i, d) in enumerate(zip(res["order"].tolist(), res["dists"].tolist())):
+        print(f"{j + 1:>4}  {d:8.4f}  {res['paths'][i]}")
+    feats = {"run": args.name, "gallery_dir": args.gallery,
+             "query": {"paths": [res["query"]], "weights": res["query_weights"], "pids": None},
+             "gallery": {"paths": res["paths"], "weights": res["weights"], "pids": None}}
+    out = run_dir / "search.png"
+    draw(feats, 0, res["order"], res["dists"], out)
+    print(f"saved {out}")
+    return out
+
+
 def run_demo(args: argparse.Namespace) -> Path:
+    if args.query or args.gallery:
+        return run_search(args)
+    if args.query_index is None:
+        raise UserError("give --query_index N (a query of the run's test set, after test.py) "
+                        "or --query IMAGE --gallery DIR (your own images)")
     run_dir = Path(args.runs_dir) / args.name
     feats = load_features(run_dir)
     if feats.get("run") != args.name:
@@ -106,9 +149,15 @@ def run_demo(args: argparse.Namespace) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Draw a query's ranked list with part weights.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--name", required=True, help="run name (folder under --runs_dir)")
+    ap.add_argument("--name", default=DEFAULT_RUN, help="run name (folder under --runs_dir); train.py's default")
     ap.add_argument("--runs_dir", default="model")
-    ap.add_argument("--query_index", type=int, required=True)
+    ap.add_argument("--query_index", type=int, default=None, help="a query of the run's test set (features.pt)")
+    ap.add_argument("--query", default=None, help="your own query image (with --gallery)")
+    ap.add_argument("--gallery", default=None, help="folder of your own images, any names and depth (with --query)")
+    ap.add_argument("--which", default="last", help="checkpoint for --query/--gallery: last, epoch_NNN, interrupted")
+    ap.add_argument("--device", default="auto", help="device for --query/--gallery")
+    ap.add_argument("--batchsize", type=int, default=64, help="images per batch for --query/--gallery")
+    ap.add_argument("--no_cache", action="store_true", help="do not read or write RUN/search_cache/")
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--weighting", default=None, choices=["adaptive", "uniform"],
                     help="weights for ranking (default: the run's)")

@@ -1,8 +1,13 @@
-"""Inference-only speed-ups for a trained AWPCN (or any torchvision-ResNet-based) model.
+"""Using a trained AWPCN outside the scripts: conv+BN folding, model loading, an extractor.
 
-    from inference import fuse_for_inference
-    fast = fuse_for_inference(model)          # eval-mode copy; `model` is left untouched
-    emb, w = fast(img.contiguous(memory_format=torch.channels_last))
+    from inference import Extractor
+    ext = Extractor.from_run("model/market")      # opts.yaml + last.pt of a run
+    emb, w = ext(["a.jpg", "b.jpg"])               # (2, P, D) float32, (2, P) float32
+    d = ext.distance(ext(crops, bgr=True), (emb, w))   # (len(crops), 2) weighted part distance
+
+:class:`Extractor` computes the numbers test.py computes for the same image: the same
+checkpoint loading (:func:`load_model`), decoding (``datasets.load_image``), resize and
+normalisation (``datasets.TestTransform``), folded network and flip TTA (:func:`embed_batch`).
 
 :func:`fuse_for_inference` folds every BatchNorm2d of the trunk into the convolution in
 front of it (``W' = W * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps) + beta``,
@@ -16,12 +21,23 @@ and no running statistics to update.
 from __future__ import annotations
 
 import copy
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fuse_for_inference", "fuse_conv_bn_pairs"]
+import datasets
+import evaluate
+from model import AWPCN, MODEL_KEYS, build_model
+from utils import UserError, load_checkpoint, load_yaml, select_device
+
+__all__ = ["fuse_for_inference", "fuse_conv_bn_pairs", "find_run", "load_model", "embed_batch", "Extractor"]
 
 
 def _pairs_in(module: nn.Module):
@@ -86,3 +102,246 @@ def fuse_for_inference(model: nn.Module, *, channels_last: bool = True, inplace:
     for p in fused.parameters():
         p.requires_grad_(False)
     return fused
+
+
+# --------------------------------------------------------------------------- runs
+def find_run(runs_dir: str | os.PathLike, name: str) -> Path:
+    """``runs_dir/name`` if it holds a trained run (an opts.yaml); else a UserError listing the runs there."""
+    run_dir = Path(runs_dir) / name
+    if not (run_dir / "opts.yaml").is_file():
+        root = Path(runs_dir)
+        runs = sorted(p.name for p in root.iterdir() if (p / "opts.yaml").is_file()) if root.is_dir() else []
+        raise UserError(f"{run_dir}: no trained run here (no opts.yaml). "
+                        + (f"Runs in {root}: {', '.join(runs)}" if runs else f"{root} holds no runs; train one with train.py"))
+    return run_dir
+
+
+def load_model(run_dir: Path, which: str = "last") -> tuple[AWPCN, dict, dict]:
+    """Rebuild the run's model from opts.yaml and load a checkpoint. Returns (model, opts, ckpt)."""
+    opts = load_yaml(run_dir / "opts.yaml")
+    ckpt = load_checkpoint(run_dir / f"{which}.pt")
+    model = build_model(opts, pretrained="none", weights="")
+    state = ckpt.get("model") or {}
+    own = model.state_dict()
+    diffs = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if diffs or missing or unexpected:
+        stored = ckpt.get("opts") or {}
+        differs = [f"{k} {stored[k]!r} (opts.yaml says {opts.get(k)!r})" for k in MODEL_KEYS
+                   if k in stored and stored[k] != opts.get(k)]
+        raise UserError(
+            f"{run_dir / (which + '.pt')} does not fit the model described by {run_dir / 'opts.yaml'}: "
+            + ("; ".join(differs) + "; " if differs else "")
+            + "; ".join(diffs[:3] + [f"{len(missing)} missing keys {missing[:2]}"] * bool(missing)
+                        + [f"{len(unexpected)} unexpected keys {unexpected[:2]}"] * bool(unexpected)))
+    model.load_state_dict(state)
+    return model, opts, ckpt
+
+
+# --------------------------------------------------------------------------- extraction
+def embed_batch(model: nn.Module, img: torch.Tensor, *, flip: bool = True, channels_last: bool = True,
+                amp_ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """img (B,3,H,W) normalised, on the model's device -> emb (B,P,D) float32, weights (B,P) float32.
+
+    Flip TTA: the image and its mirror go through the network in one batch of 2B; their part
+    embeddings and weights are averaged. No grad handling here: callers run it under
+    ``torch.inference_mode`` (export.py traces it).
+    """
+    n = img.shape[0]
+    if flip:
+        img = torch.cat([img, img.flip(3)])
+    if channels_last:
+        img = img.contiguous(memory_format=torch.channels_last)
+    with amp_ctx if amp_ctx is not None else nullcontext():
+        emb, w = model(img)
+    emb, w = emb.float(), w.float()
+    if flip:
+        emb, w = (emb[:n] + emb[n:]) / 2, (w[:n] + w[n:]) / 2
+    return emb, w
+
+
+def _describe(x) -> str:
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        kind = "numpy array" if isinstance(x, np.ndarray) else "torch tensor"
+        return f"{kind} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"a {type(x).__name__}"
+
+
+class Extractor:
+    """Part embeddings and weights of your own images with a trained AWPCN run.
+
+    ``ext(images)`` -> (emb (N,P,D) float32, weights (N,P) float32) on the CPU, where
+    ``images`` is any of:
+
+    * a list of image paths (str or os.PathLike), PIL images, or HxWx3 uint8 numpy arrays
+      (RGB; ``bgr=True`` for OpenCV frames), mixed freely; one such item alone also works;
+    * an (N,H,W,3) uint8 numpy array (a batch of the above);
+    * a float tensor (N,3,H,W) or (3,H,W) in [0, 1], RGB (``bgr=True`` swaps the channels).
+
+    Images are resized to the run's input size, normalised, batched ``batch_size`` at a time
+    and run without grad through the folded network (flip TTA unless ``flip=False``). Paths,
+    PIL images and numpy arrays give test.py's numbers for the same image (same decoding, PIL
+    bilinear resize, normalisation and network; batched differently, they differ by float
+    rounding, ~1e-7); so does a tensor at the run's size (it is scaled by 255 in float). A
+    tensor of another size is resized with torch's antialiased bilinear interpolation, close
+    to PIL's but not identical. Bad input (wrong type, dtype, shape, value range, a path that is
+    not an image) is a :class:`utils.UserError` naming the item.
+    """
+
+    def __init__(self, model: AWPCN, height: int, width: int, *, device="cpu", flip: bool = True,
+                 batch_size: int = 64, identity: dict | None = None):
+        if batch_size < 1:
+            raise UserError(f"batch_size={batch_size}: must be at least 1")
+        self.device = select_device(device) if isinstance(device, str) else torch.device(device)
+        self.height, self.width, self.flip, self.batch_size = int(height), int(width), bool(flip), int(batch_size)
+        self.parts, self.embed_dim = int(model.parts), int(model.embed_dim)
+        self.weighting = model.weighting
+        self.run_dir = self.which = self.epoch = self.opts = None      # set by from_run
+        # The network test.py runs: conv+BN folded, channels_last (bench/extract_speed.py).
+        self.model = fuse_for_inference(model.to(self.device))
+        self.transform = datasets.TestTransform(self.height, self.width)
+        # What determines the numbers this extractor produces (e.g. for a feature cache key).
+        self.identity = {"height": self.height, "width": self.width, "flip": self.flip, **(identity or {})}
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, which: str = "last", device="auto", flip: bool = True,
+                 batch_size: int = 64) -> "Extractor":
+        """Load ``run_dir`` (a folder with opts.yaml and ``which``.pt, e.g. model/market)."""
+        run_dir = find_run(Path(run_dir).parent, Path(run_dir).name)
+        model, opts, ckpt = load_model(run_dir, which)
+        ident = {"run": str(run_dir.resolve()), "which": which, "epoch": int(ckpt.get("epoch", 0))}
+        for key, path in (("checkpoint", run_dir / f"{which}.pt"), ("opts", run_dir / "opts.yaml")):
+            st = path.stat()
+            ident[key] = [st.st_size, st.st_mtime_ns]
+        ext = cls(model, opts["height"], opts["width"], device=device, flip=flip, batch_size=batch_size,
+                  identity=ident)
+        ext.run_dir, ext.which, ext.epoch, ext.opts = run_dir, which, ident["epoch"], opts
+        return ext
+
+    # ------------------------------------------------------------------ inputs
+    def _items(self, images, bgr: bool):
+        """-> ("tensor", (N,3,H,W) float tensor) or ("list", [item, ...]), types checked up front."""
+        if isinstance(images, torch.Tensor):
+            x = images.unsqueeze(0) if images.dim() == 3 else images
+            if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
+                raise UserError(f"images: {_describe(images)}; expected a float tensor (N,3,H,W) with values in "
+                                "[0, 1] (uint8 pixels: divide by 255, or pass HxWx3 numpy arrays)")
+            if x.numel():
+                lo, hi = float(x.min()), float(x.max())
+                if not (0.0 <= lo and hi <= 1.0):   # also catches NaN
+                    raise UserError(f"images: tensor values span [{lo:.4g}, {hi:.4g}]; expected unnormalised RGB "
+                                    "in [0, 1] (the extractor normalises; undo any mean/std normalisation first)")
+            return "tensor", x[:, [2, 1, 0]] if bgr else x
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif isinstance(images, (str, os.PathLike, np.ndarray)) or _is_pil(images):
+            images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise UserError(f"images: {_describe(images)}; expected a list of paths, PIL images or HxWx3 uint8 "
+                            "numpy arrays, or a float tensor (N,3,H,W) in [0, 1]")
+        for i, item in enumerate(images):
+            if isinstance(item, (str, os.PathLike)):
+                if not Path(item).is_file():
+                    raise UserError(f"images[{i}]: {item}: no such file")
+            elif isinstance(item, np.ndarray):
+                if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3 or 0 in item.shape:
+                    raise UserError(f"images[{i}]: {_describe(item)}; expected HxWx3 uint8 (RGB, or BGR with "
+                                    "bgr=True)")
+            elif not _is_pil(item):
+                raise UserError(f"images[{i}]: {_describe(item)}; expected a path, a PIL image or an HxWx3 "
+                                "uint8 numpy array")
+        return "list", list(images)
+
+    def _item_tensor(self, i: int, item, bgr: bool) -> torch.Tensor:
+        """One list item -> (3,H,W) normalised, as test.py's data loader makes it."""
+        if isinstance(item, (str, os.PathLike)):
+            img = datasets.load_image(item)
+        elif isinstance(item, np.ndarray):
+            from PIL import Image
+            img = Image.fromarray(np.ascontiguousarray(item[:, :, ::-1] if bgr else item), "RGB")
+        else:
+            try:
+                img = datasets.to_rgb(item)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"images[{i}]: PIL image ({item.mode}, {item.size}) cannot be decoded: {exc}") from None
+        return self.transform.to_tensor(img)
+
+    def _tensor_batch(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, torch.float32)
+        if tuple(x.shape[2:]) != (self.height, self.width):
+            x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False,
+                              antialias=True)
+        # The same arithmetic as TestTransform on 0..255 pixels.
+        return (x * 255).sub_(self.transform.mean.to(x.device)).div_(self.transform.std.to(x.device))
+
+    # ------------------------------------------------------------------ extraction
+    def __call__(self, images, *, bgr: bool = False, progress: bool | None = None,
+                 desc: str = "extract") -> tuple[torch.Tensor, torch.Tensor]:
+        """images -> (emb (N,P,D) float32, weights (N,P) float32), CPU tensors; see the class doc."""
+        emb, w, _bad = self._extract(images, bgr=bgr, progress=progress, desc=desc, skip_bad=False)
+        return emb, w
+
+    def extract_files(self, paths, *, progress: bool | None = None, desc: str = "extract"):
+        """Like ``ext(paths)`` but a file that cannot be decoded is skipped, not an error.
+
+        Returns (emb (M,P,D), weights (M,P), bad [(index into paths, reason)]): the rows are
+        the paths not in ``bad``, in order.
+        """
+        return self._extract([str(p) for p in paths], bgr=False, progress=progress, desc=desc, skip_bad=True)
+
+    @torch.inference_mode()
+    def _extract(self, images, *, bgr, progress, desc, skip_bad):
+        from tqdm import tqdm
+
+        kind, items = self._items(images, bgr)
+        n = len(items)
+        if progress is None:
+            progress = sys.stderr.isatty() and n > self.batch_size
+        embs, weights, bad = [], [], []
+        with tqdm(total=n, desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0,
+                  disable=not progress) as bar:
+            for s in range(0, n, self.batch_size):
+                chunk = items[s:s + self.batch_size]
+                if kind == "tensor":
+                    x = self._tensor_batch(chunk)
+                else:
+                    rows = []
+                    for i, item in enumerate(chunk, start=s):
+                        try:
+                            rows.append(self._item_tensor(i, item, bgr))
+                        except UserError as exc:
+                            if not skip_bad:
+                                raise
+                            bad.append((i, str(exc)))
+                    x = torch.stack(rows).to(self.device) if rows else None
+                if x is not None:
+                    emb, w = embed_batch(self.model, x, flip=self.flip, channels_last=True)
+                    embs.append(emb.cpu())
+                    weights.append(w.cpu())
+                bar.update(len(chunk))
+        if not embs:
+            return torch.empty(0, self.parts, self.embed_dim), torch.empty(0, self.parts), bad
+        return torch.cat(embs), torch.cat(weights), bad
+
+    def distance(self, a, b, *, weighting: str = "adaptive") -> torch.Tensor:
+        """Weighted part distance (``evaluate.weighted_distance``) between two ``ext(...)`` results.
+
+        a = (emb (Q,P,D), weights (Q,P)), b = (emb (G,P,D), weights (G,P)) -> (Q,G) float32 in
+        [0, 2], smaller = more alike. ``weighting="uniform"`` ranks with equal part weights
+        (the PCB ablation of an adaptive run).
+        """
+        for name, pair in (("a", a), ("b", b)):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                    and all(isinstance(t, torch.Tensor) for t in pair) and pair[0].dim() == 3
+                    and pair[1].dim() == 2 and pair[0].shape[:2] == pair[1].shape):
+                raise UserError(f"distance({name}=...): expected the (emb (N,P,D), weights (N,P)) pair that "
+                                f"ext(images) returns, got {_describe(pair)}")
+        qw, gw = evaluate.weights_for(weighting, a[1], b[1])
+        return evaluate.weighted_distance(a[0], qw, b[0], gw)
+
+
+def _is_pil(x) -> bool:
+    from PIL import Image
+    return isinstance(x, Image.Image)

@@ -30,6 +30,12 @@ outputs are compared with the NCHW eval-mode outputs (max abs diff relative to m
 <= 1e-3, and the part cosines; channels_last alone, ~1e-4, shows the float-rounding floor).
 ``--bf16`` also times bf16 autocast against fp32 (channels_last) on a small batch
 (``--bf16_batch``): slow on CPUs without AVX-512-BF16/AMX.
+
+``--onnx`` times only two variants, on the same images: the PyTorch path test.py and
+inference.Extractor run (fused conv+BN, channels_last) and onnxruntime (CPU, as many intra-op
+threads as torch) on export.py's graph of the same model (flip TTA and normalisation inside
+the graph, so the graph gets the same images un-normalised); it prints img/s, the
+onnxruntime/PyTorch ratio and the max output difference. Needs requirements-export.txt.
 """
 from __future__ import annotations
 
@@ -105,6 +111,45 @@ def max_diff(ref, out) -> float:
     return max((a - b).abs().max().item() for a, b in zip(ref, out))
 
 
+def onnx_variants(awpcn: nn.Module, fused: nn.Module, args) -> dict:
+    """{name: fn(img) -> (emb, w)}: the fused PyTorch model and onnxruntime on export.py's graph."""
+    import tempfile
+
+    import export
+
+    export.require_onnx()
+    t0 = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory()
+    path = Path(tmp.name) / "awpcn.onnx"
+    export.export_onnx(export.onnx_net(awpcn), path, args.height, args.width)
+    sess = export.ort_session(path, threads=torch.get_num_threads())
+    path.unlink()                      # the session holds the graph
+    tmp.cleanup()
+    print(f"(export.py graph exported and loaded by onnxruntime in {time.perf_counter() - t0:.1f} s)")
+    mean = torch.tensor(export.datasets.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(export.datasets.IMAGENET_STD).view(1, 3, 1, 1)
+    return {
+        "AWPCN, PyTorch fused conv+BN, channels_last (test.py)": lambda x: awpcn_extract(fused, x, True),
+        # The graph normalises inside: give it the same images in [0, 1] terms.
+        "AWPCN, onnxruntime (export.py graph)": lambda x: export.ort_embed(sess, x * std + mean),
+    }
+
+
+def report_onnx(names, times, outputs, batch: int) -> None:
+    torch_name, ort_name = names
+    med = {n: statistics.median(times[n]) for n in names}
+    ratio = statistics.median(tt / to for tt, to in zip(times[torch_name], times[ort_name]))
+    print()
+    w = max(len(n) for n in names)
+    print(f"{'variant':<{w}}  {'s/batch':>7}  {'img/s':>6}  {'passes/s':>8}")
+    for n in names:
+        print(f"{n:<{w}}  {med[n]:7.2f}  {batch / med[n]:6.2f}  {2 * batch / med[n]:8.2f}")
+    print(f"onnxruntime / PyTorch: {ratio:.2f}x (median of per-round paired ratios)")
+    d_emb, d_w = ((a - b).abs().max().item() for a, b in zip(outputs[torch_name], outputs[ort_name]))
+    print(f"max abs diff onnxruntime vs PyTorch on the timed batch: emb {d_emb:.2e} "
+          f"(max |emb| {outputs[torch_name][0].abs().max().item():.3g}), weights {d_w:.2e}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -122,6 +167,8 @@ def main(argv=None) -> int:
                     help="also time torch.compile (inductor, freezing); needs a C++ compiler, ~30-60 s to compile")
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast vs fp32 on a small batch")
     ap.add_argument("--bf16_batch", type=int, default=4)
+    ap.add_argument("--onnx", action="store_true",
+                    help="only PyTorch (fused, what test.py runs) vs onnxruntime on export.py's graph")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.batch < 1:
         ap.error("--rounds and --batch must be >= 1")
@@ -134,7 +181,8 @@ def main(argv=None) -> int:
     calib = torch.randn(8, 3, args.height, args.width, generator=g)
     torch.manual_seed(0)
     pcb = PCBReference(NUM_CLASSES)
-    calibrate_bn(pcb, calib)
+    if not args.onnx:
+        calibrate_bn(pcb, calib)
     awpcn = AWPCN(NUM_CLASSES, backbone=args.backbone, pretrained="none")
     calibrate_bn(awpcn, calib)
     awpcn_cl = copy.deepcopy(awpcn).to(memory_format=torch.channels_last)
@@ -148,6 +196,8 @@ def main(argv=None) -> int:
         "AWPCN, channels_last": lambda x: awpcn_extract(awpcn_cl, x, True),
         "AWPCN, fused conv+BN, channels_last": lambda x: awpcn_extract(fused, x, True),
     }
+    if args.onnx:
+        variants = onnx_variants(awpcn, fused, args)
     if args.compile:
         import torch._inductor.config as inductor_config
         inductor_config.freezing = True              # fold weights/BN, prepack for oneDNN
@@ -170,7 +220,7 @@ def main(argv=None) -> int:
     names = list(variants)
 
     print(f"extraction with flip TTA: batch {args.batch} (+ mirrors), {args.height}x{args.width}, fp32, "
-          f"{args.backbone} (PCB ref: resnet50); torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.backbone}{'' if args.onnx else ' (PCB ref: resnet50)'}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.warmup} warm-up + {args.rounds} timed batches per variant, interleaved; "
           f"fuse_for_inference took {t_fuse:.2f} s", flush=True)
     times = {n: [] for n in names}
@@ -190,6 +240,10 @@ def main(argv=None) -> int:
             print(f"  round {r + 1}/{args.warmup + args.rounds}: "
                   + ", ".join(f"{n.split(' (')[0]} {times[n][-1]:.1f} s" for n in names), flush=True)
 
+    if args.onnx:
+        report_onnx(names, times, outputs, args.batch)
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        return 0
     ref = names[0]
     med = {n: statistics.median(times[n]) for n in names}
     ips = {n: args.batch / med[n] for n in names}

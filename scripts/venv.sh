@@ -12,4 +12,5 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
   rm -rf .venv
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+# requirements-export.txt: the optional ONNX export, installed here so the suite tests it.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -r requirements-export.txt

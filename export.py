@@ -1,0 +1,351 @@
+"""Export a trained AWPCN run to ONNX and verify it against PyTorch.
+
+    python export.py [--name RUN] [--which last] [--out model/RUN/awpcn.onnx] [--opset 17]
+                     [--batch dynamic|N] [--no_flip] [--images DIR]
+
+The graph (conv+BN folded, as test.py runs it):
+  input   ``images``  float32 (N, 3, H, W), RGB, values in [0, 1], H x W = the run's input size
+          (resize before; the ImageNet mean/std normalisation is inside the graph: do not
+          normalise);
+  outputs ``emb``     float32 (N, P, D) part embeddings,
+          ``weights`` float32 (N, P) part weights (rows sum to 1).
+Flip test-time augmentation is inside the graph as in test.py (each image and its mirror,
+embeddings and weights averaged), so the outputs are test.py's features; ``--no_flip``
+exports the single pass instead (half the work, features of the image alone). Rank with
+the weighted part distance (evaluate.weighted_distance; README "Export").
+
+After writing, the file is checked with onnxruntime (CPU) against PyTorch on random batches
+and on real images (the run's dataset, or --images DIR). Printed: max |Δemb| (raw, beside
+max |emb|), max |Δ| of the unit-normalised part embeddings and max |Δweights|; the last two
+must be <= 1e-4, and the ranking of a small gallery must be identical. The raw |Δemb| is
+not a criterion because it scales with the embeddings: on ResNet-50 at 384x128 PyTorch's own
+fp32 paths (NCHW vs channels_last, folded vs not) differ by ~6e-4 on embeddings of size ~400
+(1.6e-6 relative), as does onnxruntime; the distance only sees unit part vectors and the
+weights. A failure deletes the file and says why. Needs requirements-export.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import datasets
+import evaluate
+from inference import Extractor, embed_batch, find_run, fuse_for_inference, load_model
+from utils import DEFAULT_RUN, UserError, cli
+
+TOL = 1e-4                  # max |Δemb|, |Δweights| between onnxruntime and PyTorch
+REAL_QUERIES, REAL_GALLERY = 8, 16
+INSTALL = "pip install -r requirements-export.txt"
+
+
+def require_onnx():
+    """(onnx, onnxruntime) modules, or a one-line UserError saying how to install them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise UserError(f"ONNX export needs the optional packages onnx and onnxruntime "
+                        f"({exc.name or exc} is not installed): {INSTALL}") from None
+    return onnx, onnxruntime
+
+
+class OnnxNet(nn.Module):
+    """images (N,3,H,W) RGB in [0,1] -> (emb (N,P,D), weights (N,P)): normalisation, the folded
+    network and (``flip``) flip TTA, through inference.embed_batch like test.py."""
+
+    def __init__(self, fused: nn.Module, flip: bool = True):
+        super().__init__()
+        self.net, self.flip = fused, flip
+        self.register_buffer("mean", torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor):
+        return embed_batch(self.net, (images - self.mean) / self.std, flip=self.flip, channels_last=False)
+
+
+def onnx_net(model: nn.Module, flip: bool = True) -> OnnxNet:
+    """The exportable network of an AWPCN model (a folded copy; ``model`` is left untouched)."""
+    return OnnxNet(fuse_for_inference(model.cpu(), channels_last=False), flip).eval()
+
+
+def _adaptive_avg_pool2d(g, x, output_size):
+    """ONNX for adaptive average pooling into any bins (the built-in export only handles bin
+    counts that divide the map, e.g. not 6 stripes of an 8-row map at 128x64): mean over each
+    bin's slice of rows and columns, the bins PyTorch uses ([floor(i*h/n), ceil((i+1)*h/n)))."""
+    from torch.onnx import symbolic_helper as sh
+
+    out_h, out_w = sh._parse_arg(output_size, "is")
+    try:
+        _, _, h, w = x.type().varyingSizes()       # None for the dynamic batch dimension
+    except (RuntimeError, ValueError, TypeError, AttributeError):
+        h = w = None
+    if h is None or w is None:
+        return sh._unimplemented("adaptive_avg_pool2d", "the feature map's height and width must be static", x)
+
+    def const(v):
+        return g.op("Constant", value_t=torch.tensor([v], dtype=torch.int64))
+
+    def mean(v, axis):
+        if g.opset >= 18:       # axes became an input in opset 18
+            return g.op("ReduceMean", v, const(axis), keepdims_i=1)
+        return g.op("ReduceMean", v, axes_i=[axis], keepdims_i=1)
+
+    def bins(v, axis, size, n):
+        if n == 1:
+            return mean(v, axis)
+        pieces = [mean(g.op("Slice", v, const(i * size // n), const(-(-(i + 1) * size // n)), const(axis)), axis)
+                  for i in range(n)]
+        return g.op("Concat", *pieces, axis_i=axis)
+
+    return bins(bins(x, 3, w, out_w), 2, h, out_h)
+
+
+@contextmanager
+def _exact_adaptive_pooling(opset: int):
+    torch.onnx.register_custom_op_symbolic("aten::adaptive_avg_pool2d", _adaptive_avg_pool2d, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::adaptive_avg_pool2d", opset)
+
+
+def export_onnx(net: OnnxNet, path: str | os.PathLike, height: int, width: int, *, opset: int = 17,
+                batch="dynamic") -> None:
+    """Write ``net`` to ``path`` as ONNX: input ``images`` (N,3,height,width), outputs ``emb``,
+    ``weights``; N dynamic or the fixed ``batch``."""
+    example = torch.rand(2 if batch == "dynamic" else int(batch), 3, height, width)
+    dynamic = ({"images": {0: "batch"}, "emb": {0: "batch"}, "weights": {0: "batch"}}
+               if batch == "dynamic" else None)
+    # The TorchScript-based exporter: the torch.export-based one (dynamo=True) needs the
+    # onnxscript package besides; this one is in every torch that requirements.txt allows.
+    kw = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with warnings.catch_warnings(), _exact_adaptive_pooling(opset), torch.no_grad():
+        warnings.simplefilter("ignore")     # its deprecation notice and tracer notes on the flip TTA split
+        torch.onnx.export(net, (example,), str(path), input_names=["images"], output_names=["emb", "weights"],
+                          dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, **kw)
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session for ``path`` (``threads``: intra-op threads, default onnxruntime's)."""
+    _, ort = require_onnx()
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def ort_embed(sess, x: torch.Tensor, batch="dynamic") -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the exported graph on x (N,3,H,W) in [0,1] -> (emb (N,P,D), weights (N,P)); a fixed-batch
+    graph gets chunks of ``batch``, the last one padded by repeating its first image."""
+    x = x.float().contiguous()
+    step = x.shape[0] if batch == "dynamic" else int(batch)
+    embs, ws = [], []
+    for s in range(0, x.shape[0], max(step, 1)):
+        chunk = x[s:s + step]
+        n = chunk.shape[0]
+        if n < step:
+            chunk = torch.cat([chunk, chunk[:1].expand(step - n, *chunk.shape[1:])])
+        emb, w = sess.run(["emb", "weights"], {"images": chunk.numpy()})
+        embs.append(torch.from_numpy(emb[:n]))
+        ws.append(torch.from_numpy(w[:n]))
+    return torch.cat(embs), torch.cat(ws)
+
+
+def real_images(folders, height: int, width: int, limits) -> tuple[list[torch.Tensor], list[str]]:
+    """Up to limits[i] images from folders[i] (recursive, sorted), resized to height x width as
+    (n,3,H,W) float tensors in [0,1]; notes on what was skipped or missing."""
+    from PIL import Image
+
+    batches, notes = [], []
+    for folder, limit in zip(folders, limits):
+        folder = Path(folder)
+        if not folder.is_dir():
+            notes.append(f"{folder}: not found")
+            batches.append(torch.empty(0, 3, height, width))
+            continue
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in datasets.IMG_EXTS)
+        rows, bad = [], 0
+        for p in files:
+            if len(rows) == limit:
+                break
+            try:
+                img = datasets.load_image(p)
+            except UserError:
+                bad += 1
+                continue
+            img = img if img.size == (width, height) else img.resize((width, height), Image.BILINEAR)
+            rows.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255)
+        if bad:
+            notes.append(f"{folder}: skipped {bad} undecodable image(s)")
+        batches.append(torch.stack(rows) if rows else torch.empty(0, 3, height, width))
+    return batches, notes
+
+
+def _real_batches(images: str | None, opts: dict, height: int, width: int):
+    """(queries, gallery, notes): real images for the check, from ``images`` (one folder, split
+    REAL_QUERIES / REAL_GALLERY) or else the run's dataset query/ and gallery folders."""
+    if images:
+        (both,), notes = real_images([images], height, width, (REAL_QUERIES + REAL_GALLERY,))
+        return both[:REAL_QUERIES], both[REAL_QUERIES:], notes
+    try:
+        root, _ = datasets.resolve_root(opts.get("data_root") or opts.get("data_dir") or "")
+    except UserError as exc:
+        empty = torch.empty(0, 3, height, width)
+        return empty, empty, [f"the run's dataset: {exc}"]
+    (q, gal), notes = real_images([root / datasets.SPLITS["query"], root / datasets.SPLITS["gallery"]],
+                                  height, width, (REAL_QUERIES, REAL_GALLERY))
+    return q, gal, notes
+
+
+def _ranking(q, g) -> torch.Tensor:
+    dist = evaluate.weighted_distance(q[0], q[1], g[0], g[1])
+    return torch.sort(dist, dim=1, stable=True).indices
+
+
+def verify(sess, ext: Extractor, batch, real: tuple[torch.Tensor, torch.Tensor], *, seed: int = 0) -> dict:
+    """Compare onnxruntime with PyTorch (``ext``, the extractor test.py's numbers come from).
+
+    Random batches (sizes 1 and 7 for a dynamic graph, else ``batch``) and ``real`` =
+    (queries (Q,3,H,W), gallery (G,3,H,W)) in [0,1]. Returns the max |Δemb| (raw), |Δ| of the
+    unit-normalised part embeddings (what the distance compares), |Δweights|, the batch sizes
+    tried and whether the gallery ranking of every query is identical (of the real images;
+    of the last random batch when there are none).
+    """
+    g = torch.Generator().manual_seed(seed)
+    sizes = (1, 7) if batch == "dynamic" else (int(batch),)
+    d_emb = d_unit = d_w = 0.0
+    outs = []
+    for n in sizes:
+        x = torch.rand(n, 3, ext.height, ext.width, generator=g)
+        outs.append((x, ort_embed(sess, x, batch), ext(x)))
+    q, gal = real
+    if len(q) and len(gal):
+        outs.append((None, ort_embed(sess, torch.cat([q, gal]), batch), ext(torch.cat([q, gal]))))
+    for _x, (oe, ow), (te, tw) in outs:
+        d_emb = max(d_emb, float((oe - te).abs().max()))
+        d_unit = max(d_unit, float((F.normalize(oe, dim=-1) - F.normalize(te, dim=-1)).abs().max()))
+        d_w = max(d_w, float((ow - tw).abs().max()))
+    (oe, ow), (te, tw) = outs[-1][1], outs[-1][2]
+    nq = len(q) if len(q) and len(gal) else max(1, len(oe) // 3)
+    same = torch.equal(_ranking((oe[:nq], ow[:nq]), (oe[nq:], ow[nq:])), _ranking((te[:nq], tw[:nq]), (te[nq:], tw[nq:])))
+    return {"emb": d_emb, "unit": d_unit, "weights": d_w, "sizes": sizes, "ranking_same": same, "queries": nq,
+            "gallery": len(oe) - nq, "real": bool(len(q) and len(gal)),
+            "emb_scale": float(outs[-1][2][0].abs().max())}
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    onnx, ort = require_onnx()
+    run_dir = find_run(args.runs_dir, args.name)
+    model, opts, ckpt = load_model(run_dir, args.which)
+    height, width = int(opts["height"]), int(opts["width"])
+    out = Path(args.out) if args.out else run_dir / "awpcn.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    flip = not args.no_flip
+    ext = Extractor(model, height, width, device="cpu", flip=flip)
+    net = onnx_net(model, flip)
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            export_onnx(net, tmp, height, width, opset=args.opset, batch=args.batch)
+            proto = onnx.load(str(tmp))
+            onnx.checker.check_model(proto)
+        except Exception as exc:  # exporter errors come in many types; all mean "not exported"
+            raise UserError(f"{run_dir / (args.which + '.pt')}: ONNX export failed ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0][:300]}); nothing written to {out}") from None
+        meta = {"awpcn_run": str(run_dir), "checkpoint": f"{args.which}.pt", "epoch": str(ckpt.get("epoch", "?")),
+                "input": f"images float32 (N,3,{height},{width}) RGB in [0,1]; normalisation inside",
+                "outputs": "emb (N,P,D) part embeddings; weights (N,P) part weights",
+                "flip_tta": "in graph" if flip else "none", "parts": str(opts["parts"]),
+                "distance": "D = sum_i w_i(q) w_i(g) (1 - cos(q_i, g_i)) / sum_j w_j(q) w_j(g)"}
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+        onnx.save(proto, str(tmp))
+        del proto
+
+        q, gal, notes = _real_batches(args.images, opts, height, width)
+        try:
+            sess = ort_session(tmp)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise UserError(f"{out}: onnxruntime cannot load the exported graph ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0][:300]}); nothing written") from None
+        res = verify(sess, ext, args.batch, (q, gal))
+        del sess
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+    sizes = ", ".join(map(str, res["sizes"]))
+    what = (f"{res['queries']} real queries x {res['gallery']} real gallery images"
+            if res["real"] else f"{res['queries']} x {res['gallery']} random images (no real images: "
+                                f"{'; '.join(notes) or 'none found'}; pass --images DIR)")
+    report = (f"onnxruntime {ort.__version__} (CPU) vs PyTorch {torch.__version__}: random batches of {sizes}"
+              + (f" and {len(q) + len(gal)} real images" if res["real"] else "")
+              + f": max |Δemb| {res['emb']:.2e} (max |emb| {res['emb_scale']:.3g}), max |Δemb/‖emb‖| "
+              f"{res['unit']:.2e}, max |Δweights| {res['weights']:.2e} (limit {TOL:g} on the last two); "
+              f"ranking of {what}: {'identical' if res['ranking_same'] else 'DIFFERENT'}")
+    failed = [f"max |Δemb/‖emb‖| {res['unit']:.2e} > {TOL:g}"] * (res["unit"] > TOL) \
+        + [f"max |Δweights| {res['weights']:.2e} > {TOL:g}"] * (res["weights"] > TOL) \
+        + ["the gallery ranking differs"] * (not res["ranking_same"])
+    if failed:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{out}: the exported graph does not match PyTorch ({'; '.join(failed)}); file deleted. "
+                        f"{report}")
+    os.replace(tmp, out)
+    batch = "dynamic batch" if args.batch == "dynamic" else f"fixed batch {args.batch}"
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; opset {args.opset}, {batch}; input images float32 "
+          f"(N,3,{height},{width}) RGB in [0,1], normalised inside; outputs emb (N,{opts['parts']},"
+          f"{opts.get('embed_dim', '?')}), weights (N,{opts['parts']}); flip TTA "
+          f"{'inside the graph' if flip else 'not applied'})")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"verified: {report}")
+    return out
+
+
+def _batch(value: str):
+    if value == "dynamic":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected 'dynamic' or a positive batch size")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Export a trained AWPCN run to ONNX, verified against PyTorch.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--name", default=DEFAULT_RUN, help="run name (folder under --runs_dir); train.py's default")
+    ap.add_argument("--runs_dir", default="model")
+    ap.add_argument("--which", default="last", help="checkpoint: last, epoch_NNN or interrupted")
+    ap.add_argument("--out", default=None, help="ONNX file to write (default: RUNS_DIR/NAME/awpcn.onnx)")
+    ap.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    ap.add_argument("--batch", type=_batch, default="dynamic", help="'dynamic' batch size or a fixed N")
+    ap.add_argument("--no_flip", action="store_true",
+                    help="export the single pass (no flip TTA in the graph): half the work, not test.py's features")
+    ap.add_argument("--images", default=None,
+                    help="folder of real images for the check (default: the run's dataset query/gallery)")
+    return ap
+
+
+@cli
+def main(argv=None) -> int:
+    run_export(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

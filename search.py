@@ -1,0 +1,169 @@
+"""Search a folder of your own images with one image: listing, a feature cache, ranking.
+
+The library behind ``demo.py --query IMAGE --gallery DIR``. Images under the folder may have
+any names (no pid or camera needed); every ``datasets.IMG_EXTS`` file under it, at any depth,
+is a gallery image. Gallery features are cached in ``RUN/search_cache/<key>.pt`` (key: the
+folder, the checkpoint name and the flip setting). The file records the checkpoint's and
+opts.yaml's size and modification time and each image's relative path, size and
+modification time: a changed checkpoint discards the whole cache, and a changed, added or
+removed image is re-extracted or dropped alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import datasets
+from inference import Extractor
+from utils import UserError, atomic_write
+
+CACHE_DIR = "search_cache"
+CACHE_FORMAT = 1
+LISTED = 5          # names shown in a "skipped ..." note; the rest are counted
+
+
+def list_images(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(images, other files) under ``folder``, recursively, sorted by relative path.
+
+    Images: a ``datasets.IMG_EXTS`` extension and not hidden. Symbolic links to folders are
+    not followed (no loops).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--gallery {folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            ok = name.lower().endswith(datasets.IMG_EXTS) and not name.startswith(".")
+            (images if ok else others).append(Path(dirpath) / name)
+    return images, others
+
+
+def _named(paths, root: Path) -> str:
+    names = [os.path.relpath(p, root) for p in paths]
+    return ", ".join(names[:LISTED]) + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
+
+
+def _load_cache(path: Path, identity: dict, log: Callable[[str], None]) -> dict:
+    """{(relpath, size, mtime_ns): (emb (P,D), weights (P,))} from a valid cache file, else {}."""
+    if not path.is_file():
+        return {}
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable or unsafe: rebuild it either way
+        log(f"note: {path}: unreadable feature cache ({type(exc).__name__}); extracting again")
+        return {}
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+        log(f"note: {path}: not a feature cache of this version; extracting again")
+        return {}
+    if data.get("identity") != identity:
+        log(f"note: {path}: the checkpoint (or its opts.yaml) changed since the cache was written; extracting again")
+        return {}
+    return {tuple(f): (e, w) for f, e, w in zip(data["files"], data["emb"], data["weights"])}
+
+
+def gallery_features(ext: Extractor, folder: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                     *, log: Callable[[str], None] = print) -> dict:
+    """Features of every image under ``folder``, reusing and updating the cache in ``cache_dir``.
+
+    Returns {"paths": [str] (G,), "emb": (G,P,D), "weights": (G,P), "cached": int,
+    "extracted": int, "bad": [(path, reason)], "others": [Path]}; undecodable images are
+    left out of ``paths`` and listed in ``bad``.
+    """
+    folder = Path(folder)
+    images, others = list_images(folder)
+    entries = []
+    for p in images:
+        st = p.stat()
+        entries.append((os.path.relpath(p, folder), st.st_size, st.st_mtime_ns))
+    identity = {"folder": str(folder.resolve()), **ext.identity}
+    cache_path = None
+    cached = {}
+    if cache_dir is not None and "checkpoint" not in identity:
+        # An extractor not made by Extractor.from_run cannot say which weights it holds.
+        log("note: no feature cache: the extractor does not come from Extractor.from_run")
+        cache_dir = None
+    if cache_dir is not None:
+        name = json.dumps({k: identity.get(k) for k in ("folder", "run", "which", "flip", "height", "width")},
+                          sort_keys=True)
+        cache_path = Path(cache_dir) / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.pt"
+        cached = _load_cache(cache_path, identity, log)
+    todo = [i for i, e in enumerate(entries) if e not in cached]
+    emb_new, w_new, bad = ext.extract_files([images[i] for i in todo], desc="gallery")
+    bad_rows = {todo[j] for j, _ in bad}
+    fresh = iter(zip(emb_new, w_new))
+    rows = {}
+    for i in todo:
+        if i not in bad_rows:
+            rows[i] = next(fresh)
+    keep = [i for i in range(len(entries)) if i not in bad_rows]
+    feats = [cached[entries[i]] if entries[i] in cached else rows[i] for i in keep]
+    emb = torch.stack([f[0] for f in feats]) if feats else torch.empty(0, ext.parts, ext.embed_dim)
+    weights = torch.stack([f[1] for f in feats]) if feats else torch.empty(0, ext.parts)
+    files = [list(entries[i]) for i in keep]
+    if cache_path is not None and (todo or len(cached) != len(keep)):
+        state = {"format": CACHE_FORMAT, "identity": identity, "files": files, "emb": emb, "weights": weights}
+        atomic_write(cache_path, lambda f: torch.save(state, f))
+    return {"paths": [str(images[i]) for i in keep], "emb": emb, "weights": weights,
+            "cached": len(keep) - (len(todo) - len(bad)), "extracted": len(todo) - len(bad),
+            "bad": [(str(images[todo[j]]), why) for j, why in bad], "others": others, "cache": cache_path}
+
+
+def search(ext: Extractor, query: str | os.PathLike, folder: str | os.PathLike, *, topk: int = 10,
+           weighting: str = "adaptive", cache_dir: str | os.PathLike | None = None,
+           log: Callable[[str], None] = print) -> dict:
+    """Rank every image under ``folder`` against the image ``query``.
+
+    The query file itself, when it lies in the folder, is left out. Returns {"query": str,
+    "query_emb": (1,P,D), "query_weights": (1,P), "order": (k,) indices into "paths",
+    "dists": (k,) float32, plus what :func:`gallery_features` returns}.
+    """
+    query = Path(query)
+    if not query.is_file():
+        raise UserError(f"--query {query}: {'not a file' if query.exists() else 'no such file'}")
+    try:
+        qf, qw = ext([query])
+    except UserError as exc:
+        raise UserError(f"--query {query}: not an image ({exc})") from None
+    gal = gallery_features(ext, folder, cache_dir, log=log)
+    same = [i for i, p in enumerate(gal["paths"]) if Path(p).resolve() == query.resolve()]
+    gal["self"] = [gal["paths"][i] for i in same]
+    if not gal["paths"] or len(same) == len(gal["paths"]):
+        raise UserError(f"--gallery {folder}: no images to rank (looked for {', '.join(datasets.IMG_EXTS)} files "
+                        f"at any depth; found {len(gal['others'])} other file(s), {len(gal['bad'])} undecodable)")
+    dist = ext.distance((qf, qw), (gal["emb"], gal["weights"]), weighting=weighting)[0]
+    dist[same] = float("inf")
+    k = min(topk, len(gal["paths"]) - len(same))
+    # Stable sort: ties go to the earlier path, as evaluate.py breaks ties by gallery order.
+    order = torch.sort(dist, stable=True).indices[:k]
+    return {**gal, "query": str(query), "query_emb": qf, "query_weights": qw, "order": order, "dists": dist[order]}
+
+
+def _reason(message: str, path: str) -> str:
+    """'cannot decode image (...)' out of datasets.load_image's message (which names the path
+    and a fix meant for datasets)."""
+    why = message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+    return why.split("; remove or replace")[0][:120]
+
+
+def notes(res: dict, folder: str | os.PathLike) -> list[str]:
+    """What was left out of a :func:`search`, one line each (nothing dropped silently)."""
+    folder = Path(folder)
+    out = []
+    if res["bad"]:
+        out.append(f"skipped {len(res['bad'])} image(s) that cannot be decoded: "
+                   + "; ".join(f"{os.path.relpath(p, folder)} ({_reason(why, p)})"
+                               for p, why in res["bad"][:LISTED])
+                   + (f" and {len(res['bad']) - LISTED} more" if len(res["bad"]) > LISTED else ""))
+    if res["others"]:
+        out.append(f"ignored {len(res['others'])} non-image file(s) (not {'/'.join(datasets.IMG_EXTS)}): "
+                   + _named(res["others"], folder))
+    if res.get("self"):
+        out.append(f"left out the query itself: {_named(res['self'], folder)}")
+    return out
