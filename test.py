@@ -1,10 +1,11 @@
 """Evaluate a trained AWPCN run: extract features, rank the gallery, print Rank-k/mAP/mINP.
 
-    python test.py --name RUN [--data_dir DIR] [--weighting adaptive|uniform]
-                   [--ap official|standard] [--rerank] [--batchsize N] [--amp]
+    python test.py [--name RUN] [--data_dir DIR] [--weighting adaptive|uniform]
+                   [--ap official|standard] [--rerank] [--report] [--batchsize N] [--amp]
 
 Everything about the model comes from model/RUN/opts.yaml. Writes to the run folder:
-result.txt (appended), features.pt (what demo.py reads), cmc.png.
+result.txt (appended), features.pt (what demo.py and report.py read), cmc.png, and with
+--report report.html.
 """
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ from tqdm import tqdm
 
 import datasets
 import evaluate
-from inference import fuse_for_inference
-from model import AWPCN, MODEL_KEYS, build_model
-from utils import (UserError, atomic_write_text, cli, load_checkpoint, load_yaml, save_features,
+import report
+# find_run / load_model live in inference.py (shared with inference.Extractor); test.load_model stays importable.
+from inference import embed_batch, find_run, fuse_for_inference, load_model  # noqa: F401
+from model import AWPCN
+from utils import (DEFAULT_RUN, UserError, atomic_write_text, cli, save_features,
                    save_figure, select_device)
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Evaluate an AWPCN run on its dataset's query/gallery.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--name", required=True, help="run name (folder under --runs_dir)")
+    ap.add_argument("--name", default=DEFAULT_RUN, help="run name (folder under --runs_dir); train.py's default")
     ap.add_argument("--runs_dir", default="model")
     ap.add_argument("--data_dir", default=None, help="dataset (default: the one the run was trained on)")
     ap.add_argument("--which", default="last", help="checkpoint: last, epoch_NNN or interrupted")
@@ -37,46 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ap", default="official", choices=["official", "standard"],
                     help="official: Market-1501 trapezoid AP; standard: torchreid/fast-reid AP")
     ap.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
+    ap.add_argument("--report", action="store_true",
+                    help="also write RUN/report.html: failures, part weights, learned vs uniform (see report.py)")
+    ap.add_argument("--split", default="test", choices=["test", "val"],
+                    help="val: the validation ids the run held out of training (train.py --val_ids), for "
+                         "choosing settings without touching the test split; features.pt is not written")
     ap.add_argument("--no_flip", action="store_true", help="skip flip test-time augmentation")
     ap.add_argument("--batchsize", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--amp", action="store_true", help="fp16 on CUDA, bf16 on CPU")
     ap.add_argument("--device", default="auto")
     return ap
-
-
-def find_run(runs_dir: str, name: str) -> Path:
-    run_dir = Path(runs_dir) / name
-    if not (run_dir / "opts.yaml").is_file():
-        root = Path(runs_dir)
-        runs = sorted(p.name for p in root.iterdir() if (p / "opts.yaml").is_file()) if root.is_dir() else []
-        raise UserError(f"{run_dir}: no trained run here (no opts.yaml). "
-                        + (f"Runs in {root}: {', '.join(runs)}" if runs else f"{root} holds no runs; train one with train.py"))
-    return run_dir
-
-
-def load_model(run_dir: Path, which: str = "last") -> tuple[AWPCN, dict, dict]:
-    """Rebuild the run's model from opts.yaml and load a checkpoint. Returns (model, opts, ckpt)."""
-    opts = load_yaml(run_dir / "opts.yaml")
-    ckpt = load_checkpoint(run_dir / f"{which}.pt")
-    model = build_model(opts, pretrained="none", weights="")
-    state = ckpt.get("model") or {}
-    own = model.state_dict()
-    diffs = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if diffs or missing or unexpected:
-        stored = ckpt.get("opts") or {}
-        differs = [f"{k} {stored[k]!r} (opts.yaml says {opts.get(k)!r})" for k in MODEL_KEYS
-                   if k in stored and stored[k] != opts.get(k)]
-        raise UserError(
-            f"{run_dir / (which + '.pt')} does not fit the model described by {run_dir / 'opts.yaml'}: "
-            + ("; ".join(differs) + "; " if differs else "")
-            + "; ".join(diffs[:3] + [f"{len(missing)} missing keys {missing[:2]}"] * bool(missing)
-                        + [f"{len(unexpected)} unexpected keys {unexpected[:2]}"] * bool(unexpected)))
-    model.load_state_dict(state)
-    return model, opts, ckpt
 
 
 @torch.inference_mode()
@@ -98,17 +72,8 @@ def extract(model: AWPCN, items, height: int, width: int, *, device, batchsize: 
     embs, weights = [], []
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not sys.stderr.isatty())
     for img, _vis, _pid, _cam in bar:
-        img = img.to(device, non_blocking=True)
-        n = img.shape[0]
-        if flip:
-            img = torch.cat([img, img.flip(3)])
-        if channels_last:
-            img = img.contiguous(memory_format=torch.channels_last)
-        with amp_ctx:
-            emb, w = model(img)
-        emb, w = emb.float(), w.float()
-        if flip:
-            emb, w = (emb[:n] + emb[n:]) / 2, (w[:n] + w[n:]) / 2
+        emb, w = embed_batch(model, img.to(device, non_blocking=True), flip=flip, channels_last=channels_last,
+                             amp_ctx=amp_ctx)
         embs.append(emb.cpu())
         weights.append(w.cpu())
     return torch.cat(embs), torch.cat(weights)
@@ -129,6 +94,16 @@ def plot_cmc(cmc, path: Path, label: str) -> None:
     plt.close(fig)
 
 
+def sets_line(trained_on: str | None, tested_on: Path) -> str:
+    """Names the run's training set and the test set; a different test set is marked
+    cross-dataset, so such a result is never read as an in-domain one."""
+    if not trained_on:
+        return f"trained on ? (opts.yaml has no data_root), tested on {tested_on}"
+    if Path(trained_on).expanduser().resolve() == Path(tested_on).expanduser().resolve():
+        return f"trained on {trained_on}, tested on {tested_on} (same dataset)"
+    return f"cross-dataset: trained on {trained_on}, tested on {tested_on}"
+
+
 def append_result(path: Path, text: str) -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     atomic_write_text(path, old + text)
@@ -140,7 +115,21 @@ def run_test(args: argparse.Namespace) -> dict:
     device = select_device(args.device)
     # Folded conv+BN and channels_last: 1.7x the plain PCB extraction (bench/extract_speed.py).
     model = fuse_for_inference(model.to(device))
-    data = datasets.load_dataset(args.data_dir or opts.get("data_root") or opts["data_dir"])
+    if args.split == "val":
+        if args.report:
+            raise UserError("--report describes the test split; drop --split val (or --report)")
+        if not opts.get("val_ids"):
+            raise UserError(f"--split val: {run_dir} was trained on all its training ids (no --val_ids); "
+                            "train with --val_ids 0.15 to hold some out")
+        if args.data_dir:
+            raise UserError("--split val evaluates on ids held out of the run's own training set; drop --data_dir")
+        full = datasets.load_dataset(opts.get("data_root") or opts["data_dir"])
+        data = datasets.carve_validation(full, opts["val_ids"])[1]
+    else:
+        data = datasets.load_dataset(args.data_dir or opts.get("data_root") or opts["data_dir"],
+                                     need=("query", "gallery"))
+    if args.rerank:  # before extraction: a refusal after it would cost the plain result too
+        evaluate.check_rerank_size(len(data.query), len(data.gallery))
     weighting = args.weighting or opts.get("weighting", "adaptive")
     kw = dict(device=device, batchsize=args.batchsize, workers=args.workers, flip=not args.no_flip,
               amp=args.amp, channels_last=True)
@@ -156,14 +145,17 @@ def run_test(args: argparse.Namespace) -> dict:
         "gallery": {"emb": gf, "weights": gw, "pids": torch.tensor([p for _, p, _ in data.gallery]),
                     "cams": torch.tensor([c for _, _, c in data.gallery]), "paths": [p for p, _, _ in data.gallery]},
     }
-    save_features(run_dir, features)
+    if args.split == "test":
+        save_features(run_dir, features)
 
     qw, gw = evaluate.weights_for(weighting, qw, gw)
     q, g = features["query"], features["gallery"]
     t0 = time.perf_counter()
     res = evaluate.evaluate_features(qf, qw, gf, gw, q["pids"], g["pids"], q["cams"], g["cams"], ap=args.ap)
     t_eval = time.perf_counter() - t0
-    header = (f"{args.name} [{args.which}, epoch {ckpt.get('epoch', '?')}] on {data.root} "
+    header = (f"{args.name} [{args.which}, epoch {ckpt.get('epoch', '?')}] "
+              + (f"validation ids held out of {data.root} " if args.split == "val" else
+                 f"{sets_line(opts.get('data_root') or opts.get('data_dir'), data.root)} ") +
               f"| weights: {weighting} | flip TTA: {'off' if args.no_flip else 'on'}")
     lines = [header, evaluate.format_result(res)]
     if res.get("num_skipped_queries"):
@@ -180,6 +172,9 @@ def run_test(args: argparse.Namespace) -> dict:
     text = "\n".join(lines)
     print(text)
     append_result(run_dir / "result.txt", time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n\n")
+    if args.report:
+        known = {(weighting, False): res, **({(weighting, True): results["rerank"]} if args.rerank else {})}
+        print(f"report: {report.build_report(run_dir, weighting=weighting, ap=args.ap, rerank=args.rerank, known=known)}")
     return results
 
 
