@@ -6,10 +6,18 @@
 Variants: (a) global = one stripe (P=1), (b) PCB = P=6 uniform weights, (c) AWPCN = P=6
 adaptive weights; the AWPCN checkpoint is also evaluated with uniform weights (test-time
 ablation). Prints and writes OUT/results.md (mean ± std over seeds), OUT/results.json
-(every run) and OUT/curves.png (training curves). Finished runs are reused, so an
-interrupted benchmark continues where it stopped; --report tabulates them without
-training. On a dataset with OUT_DIR/occlusion.json (the synthetic set) it also reports the
-mean learned weight of occluded and of visible stripes, and metrics on occluded queries.
+(every run) and OUT/curves.png (training curves). Finished runs are reused (also a run
+trained by hand with the same flags), so an interrupted benchmark continues where it
+stopped; --report tabulates them without training.
+
+Fair comparison: with ``-- --val_ids 0.15`` every run holds 15 % of the training ids out
+as a validation set and is evaluated there only; the test split is touched once, with
+--final, for the configuration chosen on validation. ``--compare OUT1 OUT2 ...`` tabulates
+the validation results of several configurations (e.g. learning rates) and names the best
+per variant. ``--occluded DIR`` (with --final) also evaluates on an occlusion benchmark made
+by ``prepare.py --occlude``: clean and occluded queries separately, learned and uniform
+weights, and the learned weight x P of occluded and visible stripes.
+On a dataset with occlusion.json (the synthetic set) the same split is made on its test set.
 """
 from __future__ import annotations
 
@@ -18,7 +26,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +36,8 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from utils import UserError, atomic_write_text, cli, load_checkpoint, load_features, save_figure  # noqa: E402
+from utils import (UserError, atomic_write_text, cli, load_checkpoint, load_features, load_yaml,  # noqa: E402
+                   save_figure)
 
 VARIANTS = {
     "global": ["--parts", "1", "--weighting", "uniform"],
@@ -47,35 +55,23 @@ def _test_module():
     return mod
 
 
-def occlusion_truth(data_root: Path) -> dict | None:
-    """The generator's occlusion.json (``height``, ``images``: relative path -> hidden rows)
-    with the dataset root added, or None for a dataset without one (real data)."""
-    gt_file = data_root / "occlusion.json"
-    if not gt_file.is_file():
-        return None
-    return {**json.loads(gt_file.read_text()), "root": data_root.resolve()}
-
-
-def _relative(path: str, truth: dict) -> str:
-    return str(Path(path).resolve().relative_to(truth["root"]))
-
-
-def occlusion_report(feats: dict, truth: dict) -> dict:
-    """Mean learned weight x P (1.0 = uniform) of occluded and visible stripes, from the
-    generator's ground truth."""
+def occlusion_report(feats: dict, truth: dict, feat_rows: int | None = None) -> dict:
+    """Mean learned weight x P (1.0 = uniform) of occluded stripes (≥ half hidden), of fully
+    visible stripes (< 5 % hidden) of occluded images, and of clean images, from the ground
+    truth; stripes pooled over the rows the model pools (``feat_rows``: its map height)."""
     occ, vis_on_occ, clean = [], [], []
     for split in ("query", "gallery"):
         s = feats[split]
         parts = s["weights"].shape[1]
         for path, w in zip(s["paths"], s["weights"]):
-            rows = truth["images"].get(_relative(path, truth))
+            entry = datasets.occluded_rows(truth, path)
             w = (w * parts).tolist()
-            if not rows:
+            if not entry:
                 clean.extend(w)
                 continue
-            frac = datasets.occlusion_fraction(tuple(rows), truth["height"], parts)
-            for wi, fi in zip(w, frac):
-                (occ if fi >= 0.5 else vis_on_occ if fi == 0 else []).append(wi)
+            hidden = datasets.stripe_hidden(entry, parts, truth.get("height", 0), feat_rows)
+            for wi, fi in zip(w, hidden):
+                (occ if fi >= 0.5 else vis_on_occ if fi < 0.05 else []).append(wi)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {"occluded_stripes": mean(occ), "visible_stripes_of_occluded_images": mean(vis_on_occ),
             "stripes_of_clean_images": mean(clean)}
@@ -92,47 +88,95 @@ def metrics_from_features(feats: dict, weighting: str, keep: torch.Tensor | None
     return {m: float(res[m]) for m in METRICS}
 
 
-def occluded_query_metrics(feats: dict, truth: dict, weighting: str) -> dict | None:
-    """Metrics over the queries that the generator occluded (None if there are none)."""
-    keep = torch.tensor([bool(truth["images"].get(_relative(p, truth))) for p in feats["query"]["paths"]])
-    return metrics_from_features(feats, weighting, keep) if keep.any() else None
+def split_by_occlusion(feats: dict, truth: dict, weighting: str) -> dict:
+    """{'occluded': metrics over occluded queries, 'clean': over the others} (a key is left
+    out when it has no query)."""
+    occluded = torch.tensor([bool(datasets.occluded_rows(truth, p)) for p in feats["query"]["paths"]])
+    out = {}
+    for key, keep in (("occluded", occluded), ("clean", ~occluded)):
+        if keep.any():
+            out[key] = metrics_from_features(feats, weighting, keep)
+    return out
+
+
+def _feat_rows(opts: dict) -> int:
+    """Height of the trunk's map for the run's input: /16 with last stride 1, else /32."""
+    return -(-int(opts["height"]) // (16 if int(opts.get("last_stride", 1)) == 1 else 32))
+
+
+def _trained(run_dir: Path, opts: dict) -> bool:
+    """Whether ``run_dir`` holds a finished run made with ``opts`` (its model and training
+    options; runtime ones such as --workers may differ)."""
+    if not (run_dir / "last.pt").is_file() or not (run_dir / "opts.yaml").is_file():
+        return False
+    stored = load_yaml(run_dir / "opts.yaml")
+    runtime = {"workers", "device", "overwrite", "resume", "given", "runs_dir", "data_root", "num_classes",
+               "save_every"}
+    same = all(stored.get(k) == v for k, v in opts.items() if k not in runtime)
+    return same and int(load_checkpoint(run_dir / "last.pt")["epoch"]) == int(opts["epochs"])
+
+
+def _test(test_mod, name: str, runs_dir: Path, workers: int, *extra: str) -> dict:
+    args = test_mod.build_parser().parse_args(["--name", name, "--runs_dir", str(runs_dir),
+                                               "--workers", str(workers), *extra])
+    res = test_mod.run_test(args)["plain"]
+    return {m: float(res[m]) for m in METRICS}
 
 
 def run_one(variant: str, seed: int, args, test_mod) -> dict:
     name = f"{variant}_s{seed}"
     runs_dir = Path(args.out) / "runs"
     done = runs_dir / name / "bench.json"
+    record = None
     if done.is_file():
         record = json.loads(done.read_text())
         if not _made_with(record, args):
             raise UserError(f"{done}: this run was made with preset {record['preset']!r} and train.py flags "
                             f"{record['train_args']}, not {args.preset!r} and {args.train_args}; pass the "
                             "same flags or another --out")
-        return record
-    t0 = time.perf_counter()
     opts = train.parse_opts(["--data_dir", args.data_dir, "--runs_dir", str(runs_dir), "--name", name,
                              "--preset", args.preset, "--seed", str(seed), "--overwrite",
                              *VARIANTS[variant], *args.train_args])
-    train.train(opts)
-    t_train = time.perf_counter() - t0
-    record = {"variant": variant, "seed": seed, "train_seconds": t_train, "preset": args.preset,
-              "train_args": args.train_args}
-    # One extraction per run: the uniform-at-test ablation reuses the saved features (the part
-    # embeddings do not depend on the weighting; only the weights are replaced).
-    targs = ["--name", name, "--runs_dir", str(runs_dir), "--workers", str(args.workers)]
-    res = test_mod.run_test(test_mod.build_parser().parse_args(targs))["plain"]
-    record["learned"] = {m: float(res[m]) for m in METRICS}
-    feats = load_features(runs_dir / name)
-    if variant == "awpcn":
-        record["uniform_at_test"] = metrics_from_features(feats, "uniform")
-    truth = occlusion_truth(Path(feats["data_root"]))
-    if truth:
-        for label, weighting in (("learned", opts["weighting"]), ("uniform_at_test", "uniform")):
-            occ_q = occluded_query_metrics(feats, truth, weighting) if label in record else None
-            if occ_q:
-                record[label + "_occluded_queries"] = occ_q
-        if variant == "awpcn":
-            record["weights"] = occlusion_report(feats, truth)
+    opts["data_dir"] = str(Path(opts["data_dir"]).expanduser().resolve())
+    if record is None:
+        if not _trained(runs_dir / name, opts):
+            train.train(opts)
+        hist = load_checkpoint(runs_dir / name / "last.pt")["history"]
+        record = {"variant": variant, "seed": seed, "preset": args.preset, "train_args": args.train_args,
+                  "train_seconds": sum(h["seconds"] for h in hist), "final_acc": hist[-1]["acc"]}
+        if "vis_mae" in hist[-1]:
+            record["vis_mae"] = [round(h["vis_mae"], 4) for h in hist]
+    adaptive = variant == "awpcn"
+    if opts["val_ids"] and "val" not in record:
+        record["val"] = _test(test_mod, name, runs_dir, args.workers, "--split", "val")
+        if adaptive:
+            record["val_uniform"] = _test(test_mod, name, runs_dir, args.workers, "--split", "val",
+                                          "--weighting", "uniform")
+    if (args.final or not opts["val_ids"]) and "learned" not in record:
+        if args.occluded:
+            _test(test_mod, name, runs_dir, args.workers, "--data_dir", args.occluded)
+            feats = load_features(runs_dir / name)
+            truth = datasets.occlusion_truth(args.occluded)
+            record["occ_bench"] = {"data": str(args.occluded),
+                                   "learned": split_by_occlusion(feats, truth, opts["weighting"])}
+            if adaptive:
+                record["occ_bench"]["uniform_at_test"] = split_by_occlusion(feats, truth, "uniform")
+                record["occ_bench"]["weights"] = occlusion_report(feats, truth, _feat_rows(opts))
+        # One extraction per split: the uniform-at-test ablation reuses the saved features (the
+        # part embeddings do not depend on the weighting; only the weights are replaced).
+        record["learned"] = _test(test_mod, name, runs_dir, args.workers)
+        feats = load_features(runs_dir / name)
+        if adaptive:
+            record["uniform_at_test"] = metrics_from_features(feats, "uniform")
+        truth = datasets.occlusion_truth(feats["data_root"])
+        if truth:
+            for label, weighting in (("learned", opts["weighting"]), ("uniform_at_test", "uniform")):
+                if label in record:
+                    occ_q = split_by_occlusion(feats, truth, weighting).get("occluded")
+                    if occ_q:
+                        record[label + "_occluded_queries"] = occ_q
+            if adaptive:
+                record["weights"] = occlusion_report(feats, truth, _feat_rows(opts))
     atomic_write_text(done, json.dumps(record, indent=1))
     return record
 
@@ -204,58 +248,148 @@ def _ms(values, signed: bool = False) -> str:
     return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.1f}"
 
 
+ROWS = [("global (P=1)", "global", "learned"), ("PCB (P=6, uniform)", "pcb", "learned"),
+        ("AWPCN (P=6, adaptive)", "awpcn", "learned"),
+        ("AWPCN checkpoint, uniform weights at test", "awpcn", "uniform_at_test")]
+
+
+def _dig(record: dict, path: tuple):
+    for key in path:
+        if not isinstance(record, dict) or key not in record:
+            return None
+        record = record[key]
+    return record
+
+
+def _table(records: list[dict], rows: list[tuple[str, str, tuple]]) -> list[str]:
+    """Markdown rows 'label | seeds | metrics' for (label, variant, key path) rows present."""
+    out = ["| variant | seeds | Rank-1 | Rank-5 | mAP | mINP |", "| --- | --- | --- | --- | --- | --- |"]
+    for label, variant, path in rows:
+        rs = [r for r in records if r["variant"] == variant and _dig(r, path) is not None]
+        if rs:
+            out.append(f"| {label} | {','.join(str(r['seed']) for r in rs)} | "
+                       + " | ".join(_ms([_dig(r, path)[m] for r in rs]) for m in METRICS) + " |")
+    return out + [""]
+
+
+def _weights_table(ws: list[dict]) -> list[str]:
+    out = ["| stripes | mean weight × P |", "| --- | --- |"]
+    for key, label in (("occluded_stripes", "occluded (≥ half hidden)"),
+                       ("visible_stripes_of_occluded_images", "visible, on occluded images"),
+                       ("stripes_of_clean_images", "all, on clean images")):
+        vals = [w[key] for w in ws]
+        out.append(f"| {label} | {statistics.mean(vals):.3f}"
+                   + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "") + " |")
+    return out + [""]
+
+
 def markdown(records: list[dict], args) -> str:
-    rows = [("global (P=1)", "global", "learned"), ("PCB (P=6, uniform)", "pcb", "learned"),
-            ("AWPCN (P=6, adaptive)", "awpcn", "learned"),
-            ("AWPCN checkpoint, uniform weights at test", "awpcn", "uniform_at_test")]
     flags = f" {' '.join(args.train_args)}" if args.train_args else ""
     out = [f"Dataset `{args.data_dir}`, preset `{args.preset}`{flags}; mean ± std over the seeds listed, "
            "AP formula: official.", ""]
-    for suffix, title in (("", "all queries"), ("_occluded_queries", "occluded queries only")):
+    if any("val" in r for r in records):
+        out += ["**validation split (ids held out of training; what settings are chosen on)**", ""]
+        out += _table(records, [(label.replace("at test", "at validation"), v,
+                                 ("val" if key == "learned" else "val_uniform",)) for label, v, key in ROWS])
+        maes = [r["vis_mae"][-1] for r in records if r.get("vis_mae")]
+        if maes:
+            out += [f"AWPCN visibility error on validation images with real-image occluders (mean |predicted − "
+                    f"true| stripe visibility, last epoch): {statistics.mean(maes):.3f}"
+                    + (f" ± {statistics.stdev(maes):.3f}" if len(maes) > 1 else "") + ".", ""]
+    for suffix, title in (("", "test split, all queries"), ("_occluded_queries", "occluded queries only")):
         if not any("learned" + suffix in r for r in records):
             continue
-        out += [f"**{title}**", "", "| variant | seeds | Rank-1 | Rank-5 | mAP | mINP |",
-                "| --- | --- | --- | --- | --- | --- |"]
-        for label, variant, key in rows:
-            rs = [r for r in records if r["variant"] == variant and (key + suffix) in r]
-            if rs:
-                seeds_txt = ",".join(str(r["seed"]) for r in rs)
-                out.append(f"| {label} | {seeds_txt} | "
-                           + " | ".join(_ms([r[key + suffix][m] for r in rs]) for m in METRICS) + " |")
-        out.append("")
+        out += [f"**{title}**", ""] + _table(records, [(lb, v, (k + suffix,)) for lb, v, k in ROWS])
         diff = paired_difference(records, "learned" + suffix)
         if diff:
             out += [diff, ""]
+    occ = [r for r in records if "occ_bench" in r]
+    if occ:
+        out += [f"**occlusion benchmark `{occ[0]['occ_bench']['data']}`** (prepare.py --occlude: hard-edged "
+                "occluders cut from test-split images of other identities; never seen in training)", ""]
+        for part in ("occluded", "clean"):
+            out += [f"{part} queries:", ""]
+            out += _table(records, [(lb, v, ("occ_bench", k, part)) for lb, v, k in ROWS])
+            pairs = [{"variant": r["variant"], "seed": r["seed"], "x": r["occ_bench"]["learned"][part]}
+                     for r in occ if part in r["occ_bench"]["learned"]]
+            diff = paired_difference(pairs, "x")
+            if diff:
+                out += [diff, ""]
+            aw = [r for r in occ if "uniform_at_test" in r["occ_bench"] and part in r["occ_bench"]["learned"]]
+            if aw:
+                d = [r["occ_bench"]["learned"][part]["mAP"] - r["occ_bench"]["uniform_at_test"][part]["mAP"]
+                     for r in aw]
+                out += [f"AWPCN learned − uniform weights, same checkpoints ({','.join(str(r['seed']) for r in aw)}): "
+                        f"mAP {_ms(d, signed=True)} points.", ""]
+        ws = [r["occ_bench"]["weights"] for r in occ if "weights" in r["occ_bench"]]
+        if ws:
+            out += ["AWPCN learned part weights × P on the benchmark (1.0 = uniform):", ""] + _weights_table(ws)
     ws = [r["weights"] for r in records if "weights" in r]
     if ws:
-        out += ["**AWPCN learned part weights × P (1.0 = uniform)**", "",
-                "| stripes | mean weight × P |", "| --- | --- |"]
-        for key, label in (("occluded_stripes", "occluded (≥ half hidden)"),
-                           ("visible_stripes_of_occluded_images", "visible, on occluded images"),
-                           ("stripes_of_clean_images", "all, on clean images")):
-            vals = [w[key] for w in ws]
-            out.append(f"| {label} | {statistics.mean(vals):.3f}"
-                       + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "") + " |")
-        out.append("")
+        out += ["**AWPCN learned part weights × P (1.0 = uniform)**", ""] + _weights_table(ws)
     secs = [r["train_seconds"] for r in records]
     out.append(f"Training time per run: {statistics.mean(secs) / 60:.1f} min on average.")
     return "\n".join(out) + "\n"
+
+
+def compare(outs: list[str]) -> str:
+    """Validation results of several configurations (one OUT each), and the best per variant
+    by mean validation mAP: how settings are chosen without touching the test split."""
+    lines = ["| configuration | variant | seeds | val Rank-1 | val mAP |", "| --- | --- | --- | --- | --- |"]
+    best: dict[str, tuple[float, str]] = {}
+    for out in outs:
+        path = Path(out) / "results.json"
+        if not path.is_file():
+            raise UserError(f"{path}: not found; run bench/accuracy.py --out {out} first")
+        records = json.loads(path.read_text())
+        for variant in VARIANTS:
+            rs = [r for r in records if r["variant"] == variant and "val" in r]
+            if not rs:
+                continue
+            flags = " ".join(rs[0]["train_args"])
+            lines.append(f"| `{flags}` | {variant} | {','.join(str(r['seed']) for r in rs)} | "
+                         f"{_ms([r['val']['rank1'] for r in rs])} | {_ms([r['val']['mAP'] for r in rs])} |")
+            m = statistics.mean(r["val"]["mAP"] for r in rs)
+            if variant not in best or m > best[variant][0]:
+                best[variant] = (m, out)
+    lines.append("")
+    lines += [f"best {v} on validation mAP: {out} ({100 * m:.1f})" for v, (m, out) in best.items()]
+    # The chosen configuration of each variant, side by side, with whatever --final measured.
+    chosen = [r for v, (_, out) in best.items() for r in json.loads((Path(out) / "results.json").read_text())
+              if r["variant"] == v]
+    if any("learned" in r for r in chosen):
+        first = chosen[0]
+        args = argparse.Namespace(data_dir="the chosen configurations", preset=first["preset"],
+                                  train_args=["(per variant, as chosen above)"])
+        lines += ["", markdown(chosen, args)]
+    return "\n".join(lines) + "\n"
 
 
 @cli
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--data_dir", required=True)
-    ap.add_argument("--out", required=True, help="folder for runs, results.md and results.json")
+    ap.add_argument("--data_dir")
+    ap.add_argument("--out", help="folder for runs, results.md and results.json")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--report", action="store_true",
                     help="train nothing: tabulate every finished run in OUT made with these train.py flags")
+    ap.add_argument("--final", action="store_true",
+                    help="runs with a validation split: also evaluate on the test split (once, for the chosen "
+                         "configuration)")
+    ap.add_argument("--occluded", default=None,
+                    help="with --final: an occlusion benchmark made by prepare.py --occlude to evaluate on too")
+    ap.add_argument("--compare", nargs="+", metavar="OUT", help="tabulate the validation results of these OUTs")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra train.py flags for every run")
     args = ap.parse_args(argv)
+    if args.compare:
+        print(compare(args.compare))
+        return 0
+    if not args.data_dir or not args.out:
+        raise UserError("--data_dir and --out are required (or --compare OUT ...)")
     args.train_args = [a for a in args.train_args if a != "--"]
     if args.report:
         records = finished_runs(args)

@@ -59,3 +59,23 @@ def test_table_reports_paired_seeds_and_their_spread():
     assert "| global (P=1) | 0 | 50.0 | 60.0 | 30.0 | 15.0 |" in text
     # Differences are paired by seed: +5 and +7 points.
     assert "AWPCN − PCB, paired by seed (0,1): mAP +6.0 ± 1.4, Rank-1 +6.0 ± 1.4 points." in text
+
+
+def test_compare_picks_each_variant_on_validation_and_tabulates_the_chosen(tmp_path):
+    bench = _bench()
+    m = lambda x: {"rank1": x, "rank5": x, "mAP": x, "mINP": x}  # noqa: E731
+
+    def write(out, lr, pcb_val, awpcn_val):
+        out.mkdir()
+        recs = [{"variant": v, "seed": 0, "preset": "cpu", "train_args": ["--lr", lr], "train_seconds": 60.0,
+                 "val": m(val), "learned": m(val / 2)} for v, val in (("pcb", pcb_val), ("awpcn", awpcn_val))]
+        (out / "results.json").write_text(json.dumps(recs))
+
+    write(tmp_path / "a", "0.05", 0.50, 0.60)
+    write(tmp_path / "b", "0.1", 0.55, 0.58)
+    text = bench.compare([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert f"best pcb on validation mAP: {tmp_path / 'b'} (55.0)" in text
+    assert f"best awpcn on validation mAP: {tmp_path / 'a'} (60.0)" in text
+    # The test-split table holds the chosen runs: PCB at 0.1 (27.5), AWPCN at 0.05 (30.0).
+    assert "| PCB (P=6, uniform) | 0 | 27.5 | 27.5 | 27.5 | 27.5 |" in text
+    assert "AWPCN − PCB, paired by seed (0): mAP +2.5, Rank-1 +2.5 points." in text
