@@ -351,12 +351,17 @@ class TrainTransform(TestTransform):
 
     Randomness comes from torch's global generator (seeded per DataLoader worker), so a
     seeded run replays exactly.
+
+    ``keep_clean``: also return the same crop and flip before any occluder or erasing
+    (``(x, vis, clean)``), the target of the occlusion-invariance loss.
     """
 
     def __init__(self, height: int, width: int, *, pad: int = 10, flip: bool = True, color_jitter: bool = False,
                  erasing_prob: float = 0.5, occlude_prob: float = 0.0, occlude_max: float = 0.5,
-                 occluder: str = "band", occluder_bank=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 occluder: str = "band", occluder_bank=None, keep_clean: bool = False,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__(height, width, mean, std)
+        self.keep_clean = keep_clean
         if occluder not in OCCLUDERS:
             raise UserError(f"--occluder {occluder}: expected one of {', '.join(OCCLUDERS)}")
         if occluder != "band" and occlude_prob > 0 and not occluder_bank:
@@ -419,6 +424,7 @@ class TrainTransform(TestTransform):
             vis[yd:yd + hh, xd:xd + ww] = 1
         if self.flip and torch.rand(()) < 0.5:
             x, vis = x.flip(2), vis.flip(1)
+        clean = x.clone() if self.keep_clean else None
         if self.occlude_prob > 0 and torch.rand(()) < self.occlude_prob:
             kind = self.occluder if self.occluder != "both" else ("patch" if torch.rand(()) < 0.5 else "band")
             if kind == "band":
@@ -429,23 +435,25 @@ class TrainTransform(TestTransform):
         if box is not None:
             y0, x0, eh, ew = box
             vis[y0:y0 + eh, x0:x0 + ew] = 0
-        return x, vis
+        return (x, vis) if clean is None else (x, vis, clean)
 
 
 def build_transforms(height: int, width: int, *, train: bool, pad: int = 10, flip: bool = True,
                      color_jitter: bool = False, erasing_prob: float = 0.5, occlude_prob: float = 0.0,
                      occlude_max: float = 0.5, occluder: str = "band", occluder_bank=None,
-                     mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """A callable (PIL image, pid=None) -> (image (3,H,W) float32 normalised, vis (H,W) float32)."""
+                     keep_clean: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A callable (PIL image, pid=None) -> (image (3,H,W) float32 normalised, vis (H,W) float32
+    [, the image before occluders and erasing (3,H,W) with ``keep_clean``])."""
     if not train:
         return TestTransform(height, width, mean, std)
     return TrainTransform(height, width, pad=pad, flip=flip, color_jitter=color_jitter, erasing_prob=erasing_prob,
                           occlude_prob=occlude_prob, occlude_max=occlude_max, occluder=occluder,
-                          occluder_bank=occluder_bank, mean=mean, std=std)
+                          occluder_bank=occluder_bank, keep_clean=keep_clean, mean=mean, std=std)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """items [(path, pid, cam)] -> (img (3,H,W), vis (H,W), pid, cam)."""
+    """items [(path, pid, cam)] -> (img (3,H,W), vis (H,W), pid, cam[, clean (3,H,W)]): the
+    clean image when the transform keeps one."""
 
     def __init__(self, items, transform):
         self.items, self.transform = list(items), transform
@@ -455,8 +463,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, pid, cam = self.items[i]
-        img, vis = self.transform(load_image(path), pid)
-        return img, vis, pid, cam
+        img, vis, *clean = self.transform(load_image(path), pid)
+        return (img, vis, pid, cam, *clean)
 
 
 # --------------------------------------------------------------------------- sampler

@@ -52,14 +52,31 @@ def batch_hard_triplet(emb: torch.Tensor, labels: torch.Tensor, margin: float = 
     return F.relu(hardest_pos - hardest_neg + margin).mean()
 
 
+def invariance_loss(emb: torch.Tensor, teacher: torch.Tensor, stripe_vis: torch.Tensor) -> torch.Tensor:
+    """Occlusion invariance: what is visible must look as it does without the occluder.
+
+    emb (M,P,D): part embeddings of occluded (or erased) images; teacher (M,P,D): the same
+    network's embeddings of the same images before occluders, no gradient; stripe_vis (M,P):
+    visible fraction of each stripe. ``sum v (1 - cos(emb, teacher)) / sum v``: a stripe
+    counts by how much of it is still visible, so the occluder's own stripes are left to the
+    weights. The ``1 - cos`` matches the retrieval distance, which compares normalised parts.
+    """
+    v = stripe_vis.float()
+    gap = 1 - F.cosine_similarity(emb.float(), teacher.float().detach(), dim=-1)   # (M, P)
+    return (v * gap).sum() / v.sum().clamp_min(1e-6)
+
+
 def awpcn_loss(out: dict, labels: torch.Tensor, vis_rows: torch.Tensor | None = None, *,
                label_smoothing: float = 0.0, fused_weight: float = 1.0, vis_weight: float = 1.0,
-               triplet_margin: float | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+               triplet_margin: float | None = None, temperature: float = 1.0,
+               invariance: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Total loss and its named terms (floats) for one batch.
 
     out: the model's training dict (``logits`` (N,P,K), ``fused`` (N,K), ``scores`` (N,P)
     or None, ``vis_logits`` (N,h,w) or None, ``feat_hw``, ``emb`` (N,P,D)); labels (N,)
     int64; vis_rows: per-pixel visibility (N,H,W) (or per-row (N,H)), or None.
+    With ``invariance`` > 0 and ``out['teacher']`` = (index (M,) into the batch, clean-image
+    embeddings (M,P,D)), :func:`invariance_loss` is added with that weight.
     The BCE is per stripe for the stripe heads and per feature cell for the spatial head.
     ``mean_i CE(logits_i) + fused_weight * CE(fused) + vis_weight * BCE(sigmoid(scores/T), v)
     [+ triplet]``; the BCE term only when the head is the visibility head (``vis_rows``
@@ -86,6 +103,12 @@ def awpcn_loss(out: dict, labels: torch.Tensor, vis_rows: torch.Tensor | None = 
     if vis_bce is not None:
         total = total + vis_weight * vis_bce
         terms["vis_bce"] = vis_bce.detach()
+    if invariance > 0 and out.get("teacher") is not None and vis_rows is not None:
+        idx, teacher = out["teacher"]
+        v = stripe_visibility(vis_rows[idx], p, out.get("feat_hw"))
+        inv = invariance_loss(out["emb"][idx], teacher, v) if len(idx) else total.new_zeros(())
+        total = total + invariance * inv
+        terms["invariance"] = inv.detach()
     if triplet_margin is not None:
         tri = batch_hard_triplet(out["emb"], labels, triplet_margin)
         total = total + tri

@@ -119,10 +119,16 @@ def source_box(h: int, w: int, u: list[float]) -> tuple[int, int, int, int]:
     return y0, x0, y0 + ch, x0 + cw
 
 
-def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, overwrite: bool = False, log=print) -> dict:
+def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: float | None = None,
+                  overwrite: bool = False, log=print) -> dict:
     """A copy of ``src``'s test split whose queries (``fraction`` of them, 1.0 = all) carry a
     hard-edged occluder (:func:`hard_alpha`) filled from a test-split gallery image of another
     identity — a source and shapes that training never produced. Deterministic in ``seed``.
+
+    With ``val_ids`` (the fraction given to ``train.py --val_ids``) the benchmark is built from
+    the validation identities that training holds out instead (their query/gallery as
+    ``test.py --split val`` makes them, occluders cut from their gallery): somewhere to choose
+    test-time settings on occluded queries without touching the test split.
 
     Writes ``out/query`` (occluded + untouched queries, same names), ``out/bounding_box_test``
     (the gallery, unchanged: hard links where possible, else copies) and ``out/occlusion.json``
@@ -145,7 +151,13 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, overwrite: 
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    data = datasets.load_dataset(src, log=lambda *_: None, need=("query", "gallery"))
+    if val_ids is None:
+        data = datasets.load_dataset(src, log=lambda *_: None, need=("query", "gallery"))
+        # The gallery folder as the source has it (distractors and junk included).
+        gallery = [e.path for e in os.scandir(data.root / datasets.SPLITS["gallery"]) if e.is_file()]
+    else:
+        data = datasets.carve_validation(datasets.load_dataset(src, log=lambda *_: None), val_ids)[1]
+        gallery = [p for p, _, _ in data.gallery]
     rng = np.random.default_rng(seed)
     donors = [(p, pid) for p, pid, _ in data.gallery if pid > 0]
     if not donors:
@@ -156,13 +168,13 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, overwrite: 
         (tmp / "query").mkdir()
         gal = tmp / datasets.SPLITS["gallery"]
         gal.mkdir()
-        for entry in sorted(os.scandir(data.root / datasets.SPLITS["gallery"]), key=lambda e: e.name):
-            if entry.is_file():
-                truth[f"{datasets.SPLITS['gallery']}/{entry.name}"] = None
-                try:
-                    os.link(entry.path, gal / entry.name)
-                except OSError:
-                    shutil.copyfile(entry.path, gal / entry.name)
+        for path in sorted(gallery, key=os.path.basename):
+            name = os.path.basename(path)
+            truth[f"{datasets.SPLITS['gallery']}/{name}"] = None
+            try:
+                os.link(path, gal / name)
+            except OSError:
+                shutil.copyfile(path, gal / name)
         for i, (path, pid, _) in enumerate(data.query):
             name = os.path.basename(path)
             key = f"query/{name}"
@@ -183,7 +195,7 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, overwrite: 
             mixed = img * (1 - alpha[..., None]) + fill * alpha[..., None]
             Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8)).save(tmp / key, quality=95)
             truth[key] = {"hidden_rows": [round(float(v), 3) for v in alpha.mean(1)]}
-        meta = {"source": str(data.root), "seed": seed, "fraction": fraction,
+        meta = {"source": str(data.root), "seed": seed, "fraction": fraction, "val_ids": val_ids,
                 "occluders": "hard-edged rectangles and convex polygons from test-split gallery images "
                              "of other identities (occluders.hard_alpha)",
                 "images": truth}

@@ -3,7 +3,7 @@
     python prepare.py --synthetic OUT [--ids 300] [--seed 0] [--occlusion 0.3] [--overwrite]
     python prepare.py --check DIR
     python prepare.py --msmt17 SRC OUT [--link] [--overwrite]
-    python prepare.py --occlude SRC OUT [--fraction 0.5] [--seed 0]   # occlusion benchmark
+    python prepare.py --occlude SRC OUT [--fraction 0.5] [--seed 0] [--val_ids 0.15]   # occlusion benchmark
 
 The synthetic set: pedestrians drawn with numpy, each identity a combination of six
 horizontal body bands whose colours and textures come from a small shared palette (no
@@ -322,6 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", default="partial", choices=["partial", "occluded"],
                     help="partial_reid: which images are the queries")
     ap.add_argument("--fraction", type=float, default=0.5, help="occlude: fraction of queries occluded (1 = all)")
+    ap.add_argument("--val_ids", type=float, default=None,
+                    help="occlude: build it from the validation ids train.py --val_ids holds out (same fraction), "
+                         "not the test split: for choosing test-time settings")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = ap.parse_args(argv)
     if args.synthetic:
@@ -345,7 +348,7 @@ def main(argv=None) -> int:
     elif args.partial_ilids:
         converters.convert_partial_ilids(*args.partial_ilids, **kw)
     elif args.occlude:
-        occluders.make_occluded(*args.occlude, fraction=args.fraction, seed=args.seed, **kw)
+        occluders.make_occluded(*args.occlude, fraction=args.fraction, seed=args.seed, val_ids=args.val_ids, **kw)
     if not args.msmt17:
         return 0
     convert_msmt17(*args.msmt17, link=args.link, overwrite=args.overwrite)

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--split", default="test", choices=["test", "val"],
                     help="val: the validation ids the run held out of training (train.py --val_ids), for "
                          "choosing settings without touching the test split; features.pt is not written")
+    ap.add_argument("--no_features", action="store_true",
+                    help="do not write features.pt (e.g. evaluating on another set while demo.py and report.py "
+                         "keep reading the test split's)")
     ap.add_argument("--no_flip", action="store_true", help="skip flip test-time augmentation")
     ap.add_argument("--batchsize", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2)
@@ -145,7 +148,7 @@ def run_test(args: argparse.Namespace) -> dict:
         "gallery": {"emb": gf, "weights": gw, "pids": torch.tensor([p for _, p, _ in data.gallery]),
                     "cams": torch.tensor([c for _, _, c in data.gallery]), "paths": [p for p, _, _ in data.gallery]},
     }
-    if args.split == "test":
+    if args.split == "test" and not args.no_features:
         save_features(run_dir, features)
 
     qw, gw = evaluate.weights_for(weighting, qw, gw)
@@ -161,7 +164,7 @@ def run_test(args: argparse.Namespace) -> dict:
     if res.get("num_skipped_queries"):
         lines.append(f"warning: {res['num_skipped_queries']} queries have no valid gallery match and were skipped")
     plot_cmc(res["cmc"], run_dir / "cmc.png", f"{args.name} ({weighting})")
-    results = {"plain": res}
+    results = {"plain": res, "features": features}
     if args.rerank:
         dist = evaluate.rerank_features(qf, qw, gf, gw)
         rr = evaluate.evaluate(dist, q["pids"], g["pids"], q["cams"], g["cams"], ap=args.ap)

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label_smoothing", type=float, default=0.0)
     g.add_argument("--fused_weight", type=float, default=1.0, help="weight of the fused-logits CE")
     g.add_argument("--vis_weight", type=float, default=1.0, help="weight of the visibility BCE (head=visibility)")
+    g.add_argument("--invariance", type=float, default=0.0,
+                   help="weight of the occlusion-invariance loss: visible stripes of an occluded training image "
+                        "are pulled to the same network's embedding of the image without the occluder (one extra "
+                        "forward pass, no gradient, of the occluded or erased images); 0 = off")
     g.add_argument("--triplet", action="store_true", help="add batch-hard triplet loss on part embeddings")
     g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
     g.add_argument("--amp", action="store_true", help="torch.amp: fp16+GradScaler on CUDA, bf16 on CPU")
@@ -212,7 +216,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("loss", "part_ce", "fused_ce", "vis_bce", "triplet"):
+    for key in ("loss", "part_ce", "fused_ce", "vis_bce", "invariance", "triplet"):
         if key in history[-1]:
             ax1.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=key)
     ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
@@ -365,7 +369,7 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
     transform = datasets.build_transforms(opts["height"], opts["width"], train=True,
                                           erasing_prob=opts["erasing"], occlude_prob=opts["occlude_prob"],
                                           occluder=opts.get("occluder", "band"), occluder_bank=bank,
-                                          color_jitter=opts["color_jitter"])
+                                          color_jitter=opts["color_jitter"], keep_clean=opts.get("invariance", 0) > 0)
     train_set = datasets.ImageDataset(data.train, transform)
     labels = [label for _, label, _ in data.train]
     per_rank = opts["batchsize"] // world
@@ -382,7 +386,7 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
     loss_kw = dict(label_smoothing=opts["label_smoothing"], fused_weight=opts["fused_weight"],
                    vis_weight=opts["vis_weight"] if opts["head"] in ("visibility", "spatial") else 0.0,
                    triplet_margin=opts["margin"] if opts["triplet"] else None,
-                   temperature=opts["temperature"])
+                   temperature=opts["temperature"], invariance=opts.get("invariance", 0.0))
     if main_proc:
         log.info(f"training {opts['backbone']} P={opts['parts']} {opts['weighting']}"
                  f"{'/' + opts['head'] if opts['weighting'] == 'adaptive' else ''} on {device} x{world}: "
@@ -502,7 +506,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
                disable=not (loop.rank == 0 and sys.stderr.isatty()),
                dynamic_ncols=True, leave=False, mininterval=1.0)
     t_ready = time.perf_counter()
-    for it, (img, vis, label, _cam) in enumerate(bar):
+    for it, (img, vis, label, _cam, *clean) in enumerate(bar):
         wait += time.perf_counter() - t_ready
         loop.iteration = it
         img, vis, label = img.to(device, non_blocking=True), vis.to(device), label.to(device)
@@ -512,6 +516,8 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
         try:
             with loop.amp_ctx:
                 out = loop.net(img)
+                if clean:
+                    out["teacher"] = _teacher(loop.model, img, clean[0].to(device), opts["channels_last"])
             loss, terms = awpcn_loss(out, label, vis, **loop.loss_kw)
             if not torch.isfinite(loss):
                 raise UserError(
@@ -553,6 +559,20 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
             "images_per_s": total / elapsed, "data_wait": wait / elapsed, "seconds": elapsed}
 
 
+def _teacher(model, img: torch.Tensor, clean: torch.Tensor, channels_last: bool):
+    """(index (M,), embeddings (M,P,D)) of the batch's images that an occluder or erasing
+    changed, computed from their clean versions without gradient (the invariance target).
+    The unwrapped model: no DistributedDataParallel bookkeeping for a pass without backward."""
+    idx = (img != clean).flatten(1).any(1).nonzero().flatten()
+    if len(idx) == 0:
+        return idx, None
+    x = clean[idx]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        return idx, model.part_embeddings(x)[0]
+
+
 def _end_epoch(loop: _Loop, epoch: int, record: dict) -> None:
     """Rank 0 after an epoch: last.pt (and a periodic copy), train.jpg, the log line."""
     opts, run_dir = loop.opts, loop.run_dir
@@ -565,7 +585,7 @@ def _end_epoch(loop: _Loop, epoch: int, record: dict) -> None:
         save_checkpoint(ckpt, run_dir / f"epoch_{epoch + 1:03d}.pt")
     plot_history(loop.history, run_dir / "train.jpg")
     loop.log.info(" | ".join([f"epoch {epoch + 1}/{opts['epochs']}",
-                              *(f"{k} {record[k]:.4f}" for k in ("loss", "part_ce", "fused_ce", "vis_bce", "triplet")
+                              *(f"{k} {record[k]:.4f}" for k in ("loss", "part_ce", "fused_ce", "vis_bce", "invariance", "triplet")
                                 if k in record),
                               f"acc {100 * record['acc']:.1f}%", f"lr {record['lr']:.3g}",
                               f"{record['images_per_s']:.1f} img/s",

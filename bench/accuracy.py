@@ -58,7 +58,11 @@ def _test_module():
 def occlusion_report(feats: dict, truth: dict, feat_rows: int | None = None) -> dict:
     """Mean learned weight x P (1.0 = uniform) of occluded stripes (≥ half hidden), of fully
     visible stripes (< 5 % hidden) of occluded images, and of clean images, from the ground
-    truth; stripes pooled over the rows the model pools (``feat_rows``: its map height)."""
+    truth; stripes pooled over the rows the model pools (``feat_rows``: its map height).
+
+    The clean-image mean is 1 by construction (weights sum to one), so their spread is
+    reported too: the mean |weight x P - 1| and the share of stripes within 1 ± 0.05.
+    """
     occ, vis_on_occ, clean = [], [], []
     for split in ("query", "gallery"):
         s = feats[split]
@@ -74,29 +78,60 @@ def occlusion_report(feats: dict, truth: dict, feat_rows: int | None = None) -> 
                 (occ if fi >= 0.5 else vis_on_occ if fi < 0.05 else []).append(wi)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {"occluded_stripes": mean(occ), "visible_stripes_of_occluded_images": mean(vis_on_occ),
-            "stripes_of_clean_images": mean(clean)}
+            "stripes_of_clean_images": mean(clean),
+            "clean_mean_abs_deviation": mean([abs(w - 1) for w in clean]),
+            "clean_within_0.05": mean([float(abs(w - 1) <= 0.05) for w in clean])}
 
 
-def metrics_from_features(feats: dict, weighting: str, keep: torch.Tensor | None = None) -> dict:
+def true_visibility(feats: dict, truth: dict, feat_rows: int | None) -> torch.Tensor:
+    """(Q, P) ground-truth visible fraction of each query stripe (1 on clean queries), pooled
+    over the rows the model pools: the weights a perfect visibility head would give."""
+    q = feats["query"]
+    parts = q["weights"].shape[1]
+    return torch.tensor([[1 - h for h in datasets.stripe_hidden(datasets.occluded_rows(truth, p), parts,
+                                                                 truth.get("height", 0), feat_rows)]
+                         for p in q["paths"]])
+
+
+def metrics_from_features(feats: dict, weighting: str, keep: torch.Tensor | None = None,
+                          query_weights: torch.Tensor | None = None) -> dict:
     """Metrics of saved features (``keep``: a boolean mask over queries), with the learned or
-    uniform part weights."""
+    uniform part weights, or with ``query_weights`` (Q, P) for the queries and uniform ones
+    for the gallery (the oracle ablation)."""
     q, g = feats["query"], feats["gallery"]
     keep = torch.ones(len(q["pids"]), dtype=torch.bool) if keep is None else keep
     qw, gw = evaluate.weights_for(weighting, q["weights"][keep], g["weights"])
+    if query_weights is not None:
+        qw, gw = query_weights[keep], torch.ones_like(g["weights"])
     res = evaluate.evaluate_features(q["emb"][keep], qw, g["emb"], gw, q["pids"][keep], g["pids"],
                                      q["cams"][keep], g["cams"])
     return {m: float(res[m]) for m in METRICS}
 
 
-def split_by_occlusion(feats: dict, truth: dict, weighting: str) -> dict:
+def split_by_occlusion(feats: dict, truth: dict, weighting: str, query_weights: torch.Tensor | None = None) -> dict:
     """{'occluded': metrics over occluded queries, 'clean': over the others} (a key is left
     out when it has no query)."""
     occluded = torch.tensor([bool(datasets.occluded_rows(truth, p)) for p in feats["query"]["paths"]])
     out = {}
     for key, keep in (("occluded", occluded), ("clean", ~occluded)):
         if keep.any():
-            out[key] = metrics_from_features(feats, weighting, keep)
+            out[key] = metrics_from_features(feats, weighting, keep, query_weights)
     return out
+
+
+def occlusion_benchmark(feats: dict, truth: dict, opts: dict, data: str) -> dict:
+    """Everything measured on an occlusion benchmark (prepare.py --occlude): metrics of clean
+    and occluded queries with the run's weights, and for P > 1 with uniform weights and with
+    the ground-truth visibility as query weights (the oracle: what perfect weights could
+    add to these features), plus, for AWPCN, its weights against the ground truth."""
+    rec = {"data": data, "learned": split_by_occlusion(feats, truth, opts["weighting"])}
+    rows = _feat_rows(opts)
+    if int(opts["parts"]) > 1:
+        rec["uniform_at_test"] = split_by_occlusion(feats, truth, "uniform")
+        rec["oracle_weights"] = split_by_occlusion(feats, truth, "uniform", true_visibility(feats, truth, rows))
+    if opts["weighting"] == "adaptive":
+        rec["weights"] = occlusion_report(feats, truth, rows)
+    return rec
 
 
 def _feat_rows(opts: dict) -> int:
@@ -112,7 +147,10 @@ def _trained(run_dir: Path, opts: dict) -> bool:
     stored = load_yaml(run_dir / "opts.yaml")
     runtime = {"workers", "device", "overwrite", "resume", "given", "runs_dir", "data_root", "num_classes",
                "save_every"}
-    same = all(stored.get(k) == v for k, v in opts.items() if k not in runtime)
+    # An option newer than the run counts as given at its default (a run from before
+    # --invariance existed is a run without it).
+    defaults = vars(train.build_parser().parse_args([]))
+    same = all(stored.get(k, defaults.get(k)) == v for k, v in opts.items() if k not in runtime)
     return same and int(load_checkpoint(run_dir / "last.pt")["epoch"]) == int(opts["epochs"])
 
 
@@ -121,6 +159,23 @@ def _test(test_mod, name: str, runs_dir: Path, workers: int, *extra: str) -> dic
                                                "--workers", str(workers), *extra])
     res = test_mod.run_test(args)["plain"]
     return {m: float(res[m]) for m in METRICS}
+
+
+def _bench_done(rec: dict | None, opts: dict) -> bool:
+    """Whether an occlusion-benchmark record holds everything :func:`occlusion_benchmark`
+    measures today (records of older versions get the missing rows by re-evaluating)."""
+    if not rec:
+        return False
+    if int(opts["parts"]) > 1 and "oracle_weights" not in rec:
+        return False
+    return opts["weighting"] != "adaptive" or "clean_mean_abs_deviation" in rec.get("weights", {})
+
+
+def _test_features(test_mod, name: str, runs_dir: Path, workers: int, data_dir: str) -> dict:
+    """Features of the run on ``data_dir``, leaving the run's features.pt (the test split's) alone."""
+    args = test_mod.build_parser().parse_args(["--name", name, "--runs_dir", str(runs_dir), "--workers",
+                                               str(workers), "--data_dir", str(data_dir), "--no_features"])
+    return test_mod.run_test(args)["features"]
 
 
 def run_one(variant: str, seed: int, args, test_mod) -> dict:
@@ -152,16 +207,15 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
         if adaptive:
             record["val_uniform"] = _test(test_mod, name, runs_dir, args.workers, "--split", "val",
                                           "--weighting", "uniform")
+    if args.val_occluded and not _bench_done(record.get("val_occ"), opts):
+        feats = _test_features(test_mod, name, runs_dir, args.workers, args.val_occluded)
+        record["val_occ"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.val_occluded), opts,
+                                                str(args.val_occluded))
+    if (args.final or not opts["val_ids"]) and args.occluded and not _bench_done(record.get("occ_bench"), opts):
+        feats = _test_features(test_mod, name, runs_dir, args.workers, args.occluded)
+        record["occ_bench"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.occluded), opts,
+                                                  str(args.occluded))
     if (args.final or not opts["val_ids"]) and "learned" not in record:
-        if args.occluded:
-            _test(test_mod, name, runs_dir, args.workers, "--data_dir", args.occluded)
-            feats = load_features(runs_dir / name)
-            truth = datasets.occlusion_truth(args.occluded)
-            record["occ_bench"] = {"data": str(args.occluded),
-                                   "learned": split_by_occlusion(feats, truth, opts["weighting"])}
-            if adaptive:
-                record["occ_bench"]["uniform_at_test"] = split_by_occlusion(feats, truth, "uniform")
-                record["occ_bench"]["weights"] = occlusion_report(feats, truth, _feat_rows(opts))
         # One extraction per split: the uniform-at-test ablation reuses the saved features (the
         # part embeddings do not depend on the weighting; only the weights are replaced).
         record["learned"] = _test(test_mod, name, runs_dir, args.workers)
@@ -276,11 +330,45 @@ def _weights_table(ws: list[dict]) -> list[str]:
     out = ["| stripes | mean weight × P |", "| --- | --- |"]
     for key, label in (("occluded_stripes", "occluded (≥ half hidden)"),
                        ("visible_stripes_of_occluded_images", "visible, on occluded images"),
-                       ("stripes_of_clean_images", "all, on clean images")):
-        vals = [w[key] for w in ws]
-        out.append(f"| {label} | {statistics.mean(vals):.3f}"
-                   + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "") + " |")
+                       ("stripes_of_clean_images", "all, on clean images (1 by construction)"),
+                       ("clean_mean_abs_deviation", "clean images: mean \\|w × P − 1\\|"),
+                       ("clean_within_0.05", "clean images: share of stripes within 1 ± 0.05")):
+        vals = [w[key] for w in ws if key in w]
+        if vals:
+            out.append(f"| {label} | {statistics.mean(vals):.3f}"
+                       + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "") + " |")
     return out + [""]
+
+
+BENCH_ROWS = ROWS + [("PCB checkpoint, true visibility as query weights (oracle)", "pcb", "oracle_weights"),
+                     ("AWPCN checkpoint, true visibility as query weights (oracle)", "awpcn", "oracle_weights")]
+
+
+def _bench_section(records: list[dict], key: str, title: str) -> list[str]:
+    """Clean and occluded queries of one occlusion benchmark: every weighting, paired
+    differences, and the AWPCN weights against the ground truth."""
+    occ = [r for r in records if key in r]
+    if not occ:
+        return []
+    out = [f"**{title}: `{occ[0][key]['data']}`**", ""]
+    for part in ("occluded", "clean"):
+        out += [f"{part} queries:", ""]
+        out += _table(records, [(lb, v, (key, k, part)) for lb, v, k in BENCH_ROWS])
+        pairs = [{"variant": r["variant"], "seed": r["seed"], "x": r[key]["learned"][part]}
+                 for r in occ if part in r[key]["learned"]]
+        diff = paired_difference(pairs, "x")
+        if diff:
+            out += [diff, ""]
+        for other, what in (("uniform_at_test", "uniform"), ("oracle_weights", "true-visibility (oracle)")):
+            aw = [r for r in occ if r["variant"] == "awpcn" and other in r[key] and part in r[key]["learned"]]
+            if aw:
+                d = [r[key]["learned"][part]["mAP"] - r[key][other][part]["mAP"] for r in aw]
+                out += [f"AWPCN learned − {what} weights, same checkpoints "
+                        f"({','.join(str(r['seed']) for r in aw)}): mAP {_ms(d, signed=True)} points.", ""]
+    ws = [r[key]["weights"] for r in occ if "weights" in r[key]]
+    if ws:
+        out += ["AWPCN learned part weights × P on this benchmark (1.0 = uniform):", ""] + _weights_table(ws)
+    return out
 
 
 def markdown(records: list[dict], args) -> str:
@@ -303,27 +391,10 @@ def markdown(records: list[dict], args) -> str:
         diff = paired_difference(records, "learned" + suffix)
         if diff:
             out += [diff, ""]
-    occ = [r for r in records if "occ_bench" in r]
-    if occ:
-        out += [f"**occlusion benchmark `{occ[0]['occ_bench']['data']}`** (prepare.py --occlude: hard-edged "
-                "occluders cut from test-split images of other identities; never seen in training)", ""]
-        for part in ("occluded", "clean"):
-            out += [f"{part} queries:", ""]
-            out += _table(records, [(lb, v, ("occ_bench", k, part)) for lb, v, k in ROWS])
-            pairs = [{"variant": r["variant"], "seed": r["seed"], "x": r["occ_bench"]["learned"][part]}
-                     for r in occ if part in r["occ_bench"]["learned"]]
-            diff = paired_difference(pairs, "x")
-            if diff:
-                out += [diff, ""]
-            aw = [r for r in occ if "uniform_at_test" in r["occ_bench"] and part in r["occ_bench"]["learned"]]
-            if aw:
-                d = [r["occ_bench"]["learned"][part]["mAP"] - r["occ_bench"]["uniform_at_test"][part]["mAP"]
-                     for r in aw]
-                out += [f"AWPCN learned − uniform weights, same checkpoints ({','.join(str(r['seed']) for r in aw)}): "
-                        f"mAP {_ms(d, signed=True)} points.", ""]
-        ws = [r["occ_bench"]["weights"] for r in occ if "weights" in r["occ_bench"]]
-        if ws:
-            out += ["AWPCN learned part weights × P on the benchmark (1.0 = uniform):", ""] + _weights_table(ws)
+    out += _bench_section(records, "val_occ", "occlusion benchmark of the validation ids (prepare.py --occlude "
+                          "--val_ids: where test-time settings are chosen)")
+    out += _bench_section(records, "occ_bench", "occlusion benchmark (prepare.py --occlude: hard-edged occluders "
+                          "cut from test-split images of other identities; never seen in training)")
     ws = [r["weights"] for r in records if "weights" in r]
     if ws:
         out += ["**AWPCN learned part weights × P (1.0 = uniform)**", ""] + _weights_table(ws)
@@ -382,6 +453,9 @@ def main(argv=None) -> int:
                          "configuration)")
     ap.add_argument("--occluded", default=None,
                     help="with --final: an occlusion benchmark made by prepare.py --occlude to evaluate on too")
+    ap.add_argument("--val_occluded", default=None,
+                    help="an occlusion benchmark of the validation ids (prepare.py --occlude --val_ids) to "
+                         "evaluate every run on: where test-time settings are chosen")
     ap.add_argument("--compare", nargs="+", metavar="OUT", help="tabulate the validation results of these OUTs")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra train.py flags for every run")
     args = ap.parse_args(argv)

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,3 +81,38 @@ def test_compare_picks_each_variant_on_validation_and_tabulates_the_chosen(tmp_p
     # The test-split table holds the chosen runs: PCB at 0.1 (27.5), AWPCN at 0.05 (30.0).
     assert "| PCB (P=6, uniform) | 0 | 27.5 | 27.5 | 27.5 | 27.5 |" in text
     assert "AWPCN − PCB, paired by seed (0): mAP +2.5, Rank-1 +2.5 points." in text
+
+
+def test_occlusion_benchmark_oracle_and_clean_spread_on_a_hand_built_case():
+    import torch
+
+    bench = _bench()
+    t = torch.tensor
+    # Query a (id 1) has its lower stripe hidden, and that stripe looks like id 2's; query b
+    # (id 2) is clean. Gallery: g0 = id 1, g1 = id 2, both seen by another camera.
+    feats = {
+        "query": {"paths": ["x/query/a.jpg", "x/query/b.jpg"], "pids": t([1, 2]), "cams": t([1, 1]),
+                  "emb": t([[[1.0, 0.0], [1.0, 0.0]], [[0.9, 0.1], [1.0, 0.0]]]),
+                  "weights": t([[0.8, 0.2], [0.5, 0.5]])},
+        "gallery": {"paths": ["x/bounding_box_test/g0.jpg", "x/bounding_box_test/g1.jpg"], "pids": t([1, 2]),
+                    "cams": t([2, 2]), "emb": t([[[1.0, 0.0], [0.0, 1.0]], [[0.9, 0.1], [1.0, 0.0]]]),
+                    "weights": t([[0.55, 0.45], [0.5, 0.5]])}}
+    truth = {"root": Path("x"), "images": {"query/a.jpg": {"hidden_rows": [0, 0, 1, 1]}, "query/b.jpg": None,
+                                           "bounding_box_test/g0.jpg": None, "bounding_box_test/g1.jpg": None}}
+    opts = {"weighting": "adaptive", "parts": 2, "height": 64, "last_stride": 1}     # 4 feature rows
+    rec = bench.occlusion_benchmark(feats, truth, opts, "bench")
+    # uniform: the hidden stripe pulls a to id 2; the oracle drops it and finds id 1 first
+    assert rec["uniform_at_test"]["occluded"]["rank1"] == 0
+    assert rec["oracle_weights"]["occluded"]["rank1"] == 1
+    assert rec["learned"]["clean"]["rank1"] == 1
+    w = rec["weights"]
+    assert w["occluded_stripes"] == pytest.approx(0.4) and w["visible_stripes_of_occluded_images"] == pytest.approx(1.6)
+    # clean stripes x P: 1, 1 (b), 1.1, 0.9 (g0), 1, 1 (g1)
+    assert w["stripes_of_clean_images"] == pytest.approx(1.0)
+    assert w["clean_mean_abs_deviation"] == pytest.approx(0.2 / 6)
+    assert w["clean_within_0.05"] == pytest.approx(4 / 6)
+    assert bench._bench_done(rec, opts) and not bench._bench_done({"learned": {}}, opts)
+    text = "\n".join(bench._bench_section([{"variant": "awpcn", "seed": 0, "occ_bench": rec}], "occ_bench", "T"))
+    assert "| AWPCN checkpoint, true visibility as query weights (oracle) | 0 | 100.0 |" in text
+    assert "AWPCN learned − true-visibility (oracle) weights, same checkpoints (0): mAP" in text
+    assert "| clean images: share of stripes within 1 ± 0.05 | 0.667 |" in text

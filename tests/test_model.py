@@ -297,3 +297,41 @@ def test_model_cli_prints_shapes(capsys):
                            "--num_classes", "10"]) == 0
     out = capsys.readouterr().out
     assert "emb (2, 4, 256)" in out and "logits (2, 4, 10)" in out and "total:" in out
+
+
+def test_invariance_loss_counts_visible_stripes_only():
+    from losses import invariance_loss
+
+    teacher = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])            # (1, 3, 2)
+    same = teacher * 3                                                         # scale-free: cosine
+    v = torch.tensor([[1.0, 0.5, 0.0]])
+    assert float(invariance_loss(same, teacher, v)) == pytest.approx(0.0, abs=1e-6)
+    # stripe 0 orthogonal (gap 1), stripe 1 opposite (gap 2), stripe 2 invisible (ignored)
+    emb = torch.tensor([[[0.0, 1.0], [0.0, -1.0], [-1.0, -1.0]]])
+    assert float(invariance_loss(emb, teacher, v)) == pytest.approx((1 * 1 + 0.5 * 2) / 1.5)
+    # the teacher gets no gradient, the student does
+    emb.requires_grad_(True)
+    t = teacher.clone().requires_grad_(True)
+    invariance_loss(emb, t, v).backward()
+    assert t.grad is None and emb.grad[0, 0].abs().sum() > 0 and emb.grad[0, 2].abs().sum() == 0
+
+
+def test_awpcn_loss_adds_invariance_on_the_teacher_rows_only():
+    from losses import awpcn_loss
+
+    torch.manual_seed(0)
+    n, p, d, k = 4, 3, 5, 2
+    out = {"logits": torch.randn(n, p, k), "fused": torch.randn(n, k), "scores": None, "vis_logits": None,
+           "feat_hw": None, "emb": torch.randn(n, p, d)}
+    labels = torch.tensor([0, 1, 0, 1])
+    vis = torch.ones(n, 6, 4)
+    base, terms = awpcn_loss(out, labels, vis, invariance=2.0)
+    assert "invariance" not in terms                                 # no teacher: no term
+    idx = torch.tensor([1, 3])
+    out["teacher"] = (idx, -out["emb"][idx])                         # opposite: gap 2 per stripe
+    total, terms = awpcn_loss(out, labels, vis, invariance=2.0)
+    assert float(terms["invariance"]) == pytest.approx(2.0)
+    assert float(total - base) == pytest.approx(4.0)
+    out["teacher"] = (idx[:0], None)                                 # nothing occluded in the batch
+    total, terms = awpcn_loss(out, labels, vis, invariance=2.0)
+    assert float(terms["invariance"]) == 0 and float(total) == pytest.approx(float(base))

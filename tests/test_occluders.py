@@ -302,3 +302,32 @@ def test_prepare_occlude_cli_all_queries(tmp_path, capsys):
     assert prepare.main(["--occlude", str(src), str(out)]) == 2      # exists: refused with a message
     assert "--overwrite" in capsys.readouterr().err
     assert math.isclose(json.loads((out / "occlusion.json").read_text())["fraction"], 1.0)
+
+
+def test_keep_clean_returns_the_image_before_occluder_and_erasing(bank):
+    img = Image.new("RGB", (W, H), BASE)
+    t = patch_transform(bank, keep_clean=True, erasing_prob=1.0)
+    torch.manual_seed(0)
+    x, vis, clean = t(img, 1)
+    torch.testing.assert_close(clean, norm(BASE).view(3, 1, 1).expand(3, H, W))
+    assert (vis < 1).any()
+    # the occluded image differs from the clean one exactly where something hides the person
+    assert torch.equal((x != clean).any(0), vis < 1)
+    # the same draws as without keep_clean: the clean copy costs no randomness
+    torch.manual_seed(0)
+    x2, vis2 = patch_transform(bank, erasing_prob=1.0)(img, 1)
+    assert torch.equal(x, x2) and torch.equal(vis, vis2)
+
+
+def test_make_occluded_on_the_validation_ids(tmp_path, synthetic_dir):
+    out = tmp_path / "val_occ"
+    stats = O.make_occluded(synthetic_dir, out, fraction=1.0, seed=0, val_ids=0.25, log=lambda *_: None)
+    _, val = D.carve_validation(D.load_dataset(synthetic_dir, log=lambda *_: None), 0.25)
+    data = D.load_dataset(out, need=("query", "gallery"), log=lambda *_: None)
+    # the held-out ids' query/gallery exactly as test.py --split val makes them, queries occluded
+    assert sorted((Path(p).name, pid, c) for p, pid, c in data.query) == \
+        sorted((Path(p).name, pid, c) for p, pid, c in val.query)
+    assert sorted(Path(p).name for p, _, _ in data.gallery) == sorted(Path(p).name for p, _, _ in val.gallery)
+    assert stats == {"queries": len(val.query), "occluded": len(val.query)}
+    meta = json.loads((out / "occlusion.json").read_text())
+    assert meta["val_ids"] == 0.25 and all(meta["images"][f"{QUERY}/{Path(p).name}"] for p, _, _ in val.query)

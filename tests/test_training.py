@@ -171,3 +171,11 @@ def test_validation_split_trains_on_the_rest_and_reports_visibility_error(synthe
     assert not set(rest.train_pids) & {p for _, p, _ in val.query + val.gallery}
     assert 0 <= out["history"][-1]["vis_mae"] <= 1
     assert "vis_mae" in _log(tmp_path / "run") and "validation: 3 ids" in _log(tmp_path / "run")
+
+
+def test_invariance_training_logs_the_term_and_pulls_occluded_features_to_clean(synthetic_dir, tmp_path):
+    out = train.train(tiny_opts(synthetic_dir, tmp_path, "inv", "--invariance", "1", "--epochs", "1"))
+    rec = out["history"][-1]
+    assert 0 < rec["invariance"] < 2 and "invariance" in _log(tmp_path / "inv")
+    # off by default: no term, no clean copies
+    assert train.parse_opts(["--data_dir", str(synthetic_dir)])["invariance"] == 0
