@@ -66,7 +66,7 @@ def invariance_loss(emb: torch.Tensor, teacher: torch.Tensor, stripe_vis: torch.
     return (v * gap).sum() / v.sum().clamp_min(1e-6)
 
 
-def awpcn_loss(out: dict, labels: torch.Tensor, vis_rows: torch.Tensor | None = None, *,
+def awpcn_loss(out: dict, labels: torch.Tensor, vis: torch.Tensor | None = None, *,
                label_smoothing: float = 0.0, fused_weight: float = 1.0, vis_weight: float = 1.0,
                triplet_margin: float | None = None, temperature: float = 1.0,
                invariance: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -74,13 +74,13 @@ def awpcn_loss(out: dict, labels: torch.Tensor, vis_rows: torch.Tensor | None = 
 
     out: the model's training dict (``logits`` (N,P,K), ``fused`` (N,K), ``scores`` (N,P)
     or None, ``vis_logits`` (N,h,w) or None, ``feat_hw``, ``emb`` (N,P,D)); labels (N,)
-    int64; vis_rows: per-pixel visibility (N,H,W) (or per-row (N,H)), or None.
+    int64; vis: per-pixel visibility (N,H,W) (or per-row (N,H)), or None.
     With ``invariance`` > 0 and ``out['teacher']`` = (index (M,) into the batch, clean-image
     embeddings (M,P,D)), :func:`invariance_loss` is added with that weight.
     The BCE is per stripe for the stripe heads and per feature cell for the spatial head.
-    ``mean_i CE(logits_i) + fused_weight * CE(fused) + vis_weight * BCE(sigmoid(scores/T), v)
-    [+ triplet]``; the BCE term only when the head is the visibility head (``vis_rows``
-    given and ``out['scores']`` not None and the caller asks for it with vis_weight > 0).
+    ``mean_i CE(logits_i) + fused_weight * CE(fused) + vis_weight * BCE [+ invariance * inv]
+    [+ triplet]``; the BCE term only when ``vis`` is given, vis_weight > 0 and the model has
+    a visibility head (``out['scores']`` or ``out['vis_logits']`` not None).
     """
     logits = out["logits"].float()
     n, p, k = logits.shape
@@ -93,19 +93,19 @@ def awpcn_loss(out: dict, labels: torch.Tensor, vis_rows: torch.Tensor | None = 
         total = total + fused_weight * fused_ce
         terms["fused_ce"] = fused_ce.detach()
     vis_bce = None
-    if vis_weight > 0 and vis_rows is not None and out.get("vis_logits") is not None:
+    if vis_weight > 0 and vis is not None and out.get("vis_logits") is not None:
         logits = out["vis_logits"].float()
         vis_bce = F.binary_cross_entropy_with_logits(logits / temperature,
-                                                     cell_visibility(vis_rows, logits.shape[1:]))
-    elif vis_weight > 0 and vis_rows is not None and out.get("scores") is not None:
-        target = stripe_visibility(vis_rows, p, out.get("feat_hw"))
+                                                     cell_visibility(vis, logits.shape[1:]))
+    elif vis_weight > 0 and vis is not None and out.get("scores") is not None:
+        target = stripe_visibility(vis, p, out.get("feat_hw"))
         vis_bce = F.binary_cross_entropy_with_logits(out["scores"].float() / temperature, target)
     if vis_bce is not None:
         total = total + vis_weight * vis_bce
         terms["vis_bce"] = vis_bce.detach()
-    if invariance > 0 and out.get("teacher") is not None and vis_rows is not None:
+    if invariance > 0 and out.get("teacher") is not None and vis is not None:
         idx, teacher = out["teacher"]
-        v = stripe_visibility(vis_rows[idx], p, out.get("feat_hw"))
+        v = stripe_visibility(vis[idx], p, out.get("feat_hw"))
         inv = invariance_loss(out["emb"][idx], teacher, v) if len(idx) else total.new_zeros(())
         total = total + invariance * inv
         terms["invariance"] = inv.detach()

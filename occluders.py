@@ -195,9 +195,12 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
             mixed = img * (1 - alpha[..., None]) + fill * alpha[..., None]
             Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8)).save(tmp / key, quality=95)
             truth[key] = {"hidden_rows": [round(float(v), 3) for v in alpha.mean(1)]}
-        meta = {"source": str(data.root), "seed": seed, "fraction": fraction, "val_ids": val_ids,
-                "occluders": "hard-edged rectangles and convex polygons from test-split gallery images "
-                             "of other identities (occluders.hard_alpha)",
+        meta = {"source": str(data.root.resolve()), "seed": seed, "fraction": fraction, "val_ids": val_ids,
+                # where each query's un-occluded original lies, under the same file name
+                "originals": datasets.SPLITS["train" if val_ids is not None else "query"],
+                "occluders": "hard-edged rectangles and convex polygons from gallery images of other "
+                             f"identities of the {'validation ids' if val_ids is not None else 'test split'} "
+                             "(occluders.hard_alpha)",
                 "images": truth}
         (tmp / "occlusion.json").write_text(json.dumps(meta))
     n_occ = sum(v is not None for v in truth.values())

@@ -119,11 +119,13 @@ def split_by_occlusion(feats: dict, truth: dict, weighting: str, query_weights: 
     return out
 
 
-def occlusion_benchmark(feats: dict, truth: dict, opts: dict, data: str) -> dict:
+def occlusion_benchmark(feats: dict, truth: dict, opts: dict, data: str, originals: dict | None = None) -> dict:
     """Everything measured on an occlusion benchmark (prepare.py --occlude): metrics of clean
     and occluded queries with the run's weights, and for P > 1 with uniform weights and with
     the ground-truth visibility as query weights (the oracle: what perfect weights could
-    add to these features), plus, for AWPCN, its weights against the ground truth."""
+    add to these features), plus, for AWPCN, its weights against the ground truth.
+    ``originals`` (the occluded queries' un-occluded originals, :func:`contamination`) adds
+    where the loss comes from."""
     rec = {"data": data, "learned": split_by_occlusion(feats, truth, opts["weighting"])}
     rows = _feat_rows(opts)
     if int(opts["parts"]) > 1:
@@ -131,7 +133,52 @@ def occlusion_benchmark(feats: dict, truth: dict, opts: dict, data: str) -> dict
         rec["oracle_weights"] = split_by_occlusion(feats, truth, "uniform", true_visibility(feats, truth, rows))
     if opts["weighting"] == "adaptive":
         rec["weights"] = occlusion_report(feats, truth, rows)
+    if originals is not None and int(opts["parts"]) > 1:
+        rec["contamination"] = contamination(feats, truth, rows, originals)
     return rec
+
+
+def contamination(feats: dict, truth: dict, feat_rows: int, originals: torch.Tensor) -> dict:
+    """Where occluded queries lose their accuracy, uniform weights, occluded queries only.
+
+    originals (Q, P, D): embeddings of every query's un-occluded original (the benchmark's
+    source image). ``original`` / ``occluded``: mAP of the originals and of the occluded
+    images; ``*_visible_only``: the same with only the stripes the occluder leaves visible
+    (< 5 % hidden) — original_visible_only is what dropping the hidden stripes costs by
+    itself, the gap to occluded_visible_only is what the occluder does to the stripes it does
+    not cover. ``cos_visible`` / ``cos_hidden``: mean cosine between a stripe of the occluded
+    image and the same stripe of its original.
+    """
+    q = feats["query"]
+    occluded = torch.tensor([bool(datasets.occluded_rows(truth, p)) for p in q["paths"]])
+    vis = true_visibility(feats, truth, feat_rows)
+    visible = (vis > 0.95).float()
+    # 1e-6: a stripe left out, not a query with no stripe at all (the distance would be 1)
+    only = visible + 1e-6
+    swapped = {**feats, "query": {**q, "emb": originals}}
+    cos = torch.nn.functional.cosine_similarity(q["emb"][occluded], originals[occluded], dim=-1)
+    keep = visible[occluded].bool()
+    return {"original": metrics_from_features(swapped, "uniform", occluded),
+            "occluded": metrics_from_features(feats, "uniform", occluded),
+            "original_visible_only": metrics_from_features(swapped, "uniform", occluded, only),
+            "occluded_visible_only": metrics_from_features(feats, "uniform", occluded, only),
+            "cos_visible": float(cos[keep].mean()), "cos_hidden": float(cos[vis[occluded] <= 0.5].mean())}
+
+
+def originals_of(feats: dict, bench_dir: str, run_dir: Path, workers: int) -> torch.Tensor:
+    """(Q, P, D) embeddings of the benchmark's queries as they were before occlusion (the
+    files of the same name in its source, occlusion.json's "source"/"originals"), extracted
+    as test.py extracts; clean queries are their own originals."""
+    import inference
+
+    meta = json.loads((Path(bench_dir) / datasets.OCCLUSION_FILE).read_text())
+    src = Path(meta["source"]) / meta.get("originals", datasets.SPLITS["query"])
+    ext = inference.Extractor.from_run(run_dir, device="cpu")
+    emb, _, bad = ext.extract_files([src / Path(p).name for p in feats["query"]["paths"]], progress=False)
+    if bad:
+        raise UserError(f"{src}: {len(bad)} originals of {bench_dir}'s queries are missing or unreadable "
+                        f"(first: {bad[0]}); rebuild the benchmark from its source")
+    return emb
 
 
 def _feat_rows(opts: dict) -> int:
@@ -139,19 +186,21 @@ def _feat_rows(opts: dict) -> int:
     return -(-int(opts["height"]) // (16 if int(opts.get("last_stride", 1)) == 1 else 32))
 
 
-def _trained(run_dir: Path, opts: dict) -> bool:
-    """Whether ``run_dir`` holds a finished run made with ``opts`` (its model and training
-    options; runtime ones such as --workers may differ)."""
+def _finished_history(run_dir: Path, opts: dict) -> list | None:
+    """The training history of a finished run in ``run_dir`` made with ``opts`` (its model and
+    training options; runtime ones such as --workers may differ), else None."""
     if not (run_dir / "last.pt").is_file() or not (run_dir / "opts.yaml").is_file():
-        return False
+        return None
     stored = load_yaml(run_dir / "opts.yaml")
     runtime = {"workers", "device", "overwrite", "resume", "given", "runs_dir", "data_root", "num_classes",
                "save_every"}
     # An option newer than the run counts as given at its default (a run from before
     # --invariance existed is a run without it).
     defaults = vars(train.build_parser().parse_args([]))
-    same = all(stored.get(k, defaults.get(k)) == v for k, v in opts.items() if k not in runtime)
-    return same and int(load_checkpoint(run_dir / "last.pt")["epoch"]) == int(opts["epochs"])
+    if not all(stored.get(k, defaults.get(k)) == v for k, v in opts.items() if k not in runtime):
+        return None
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    return ckpt["history"] if int(ckpt["epoch"]) == int(opts["epochs"]) else None
 
 
 def _test(test_mod, name: str, runs_dir: Path, workers: int, *extra: str) -> dict:
@@ -166,7 +215,7 @@ def _bench_done(rec: dict | None, opts: dict) -> bool:
     measures today (records of older versions get the missing rows by re-evaluating)."""
     if not rec:
         return False
-    if int(opts["parts"]) > 1 and "oracle_weights" not in rec:
+    if int(opts["parts"]) > 1 and ("oracle_weights" not in rec or "contamination" not in rec):
         return False
     return opts["weighting"] != "adaptive" or "clean_mean_abs_deviation" in rec.get("weights", {})
 
@@ -194,9 +243,9 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
                              *VARIANTS[variant], *args.train_args])
     opts["data_dir"] = str(Path(opts["data_dir"]).expanduser().resolve())
     if record is None:
-        if not _trained(runs_dir / name, opts):
-            train.train(opts)
-        hist = load_checkpoint(runs_dir / name / "last.pt")["history"]
+        hist = _finished_history(runs_dir / name, opts)
+        if hist is None:
+            hist = train.train(opts)["history"]
         record = {"variant": variant, "seed": seed, "preset": args.preset, "train_args": args.train_args,
                   "train_seconds": sum(h["seconds"] for h in hist), "final_acc": hist[-1]["acc"]}
         if "vis_mae" in hist[-1]:
@@ -210,11 +259,13 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
     if args.val_occluded and not _bench_done(record.get("val_occ"), opts):
         feats = _test_features(test_mod, name, runs_dir, args.workers, args.val_occluded)
         record["val_occ"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.val_occluded), opts,
-                                                str(args.val_occluded))
+                                                str(args.val_occluded),
+                                                originals_of(feats, args.val_occluded, runs_dir / name, args.workers))
     if (args.final or not opts["val_ids"]) and args.occluded and not _bench_done(record.get("occ_bench"), opts):
         feats = _test_features(test_mod, name, runs_dir, args.workers, args.occluded)
         record["occ_bench"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.occluded), opts,
-                                                  str(args.occluded))
+                                                  str(args.occluded),
+                                                  originals_of(feats, args.occluded, runs_dir / name, args.workers))
     if (args.final or not opts["val_ids"]) and "learned" not in record:
         # One extraction per split: the uniform-at-test ablation reuses the saved features (the
         # part embeddings do not depend on the weighting; only the weights are replaced).
@@ -365,6 +416,21 @@ def _bench_section(records: list[dict], key: str, title: str) -> list[str]:
                 d = [r[key]["learned"][part]["mAP"] - r[key][other][part]["mAP"] for r in aw]
                 out += [f"AWPCN learned − {what} weights, same checkpoints "
                         f"({','.join(str(r['seed']) for r in aw)}): mAP {_ms(d, signed=True)} points.", ""]
+    con = [r for r in occ if "contamination" in r[key]]
+    if con:
+        out += ["where the occluded queries lose (uniform weights, mAP; *visible only*: just the stripes the "
+                "occluder leaves < 5 % hidden; cos: occluded vs original image, same stripe):", "",
+                "| checkpoint | seeds | originals | occluded | originals, visible only | occluded, visible only "
+                "| cos visible stripes | cos hidden stripes |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for variant in VARIANTS:
+            rs = [r[key]["contamination"] for r in con if r["variant"] == variant]
+            if rs:
+                seeds = ",".join(str(r["seed"]) for r in con if r["variant"] == variant)
+                cells = [_ms([c[k]["mAP"] for c in rs]) for k in
+                         ("original", "occluded", "original_visible_only", "occluded_visible_only")]
+                cells += [f"{statistics.mean(c[k] for c in rs):.3f}" for k in ("cos_visible", "cos_hidden")]
+                out.append(f"| {variant} | {seeds} | " + " | ".join(cells) + " |")
+        out.append("")
     ws = [r[key]["weights"] for r in occ if "weights" in r[key]]
     if ws:
         out += ["AWPCN learned part weights × P on this benchmark (1.0 = uniform):", ""] + _weights_table(ws)

@@ -100,7 +100,8 @@ def test_occlusion_benchmark_oracle_and_clean_spread_on_a_hand_built_case():
     truth = {"root": Path("x"), "images": {"query/a.jpg": {"hidden_rows": [0, 0, 1, 1]}, "query/b.jpg": None,
                                            "bounding_box_test/g0.jpg": None, "bounding_box_test/g1.jpg": None}}
     opts = {"weighting": "adaptive", "parts": 2, "height": 64, "last_stride": 1}     # 4 feature rows
-    rec = bench.occlusion_benchmark(feats, truth, opts, "bench")
+    originals = t([[[1.0, 0.0], [0.0, 1.0]], [[0.9, 0.1], [1.0, 0.0]]])            # a unoccluded = g0
+    rec = bench.occlusion_benchmark(feats, truth, opts, "bench", originals)
     # uniform: the hidden stripe pulls a to id 2; the oracle drops it and finds id 1 first
     assert rec["uniform_at_test"]["occluded"]["rank1"] == 0
     assert rec["oracle_weights"]["occluded"]["rank1"] == 1
@@ -111,8 +112,15 @@ def test_occlusion_benchmark_oracle_and_clean_spread_on_a_hand_built_case():
     assert w["stripes_of_clean_images"] == pytest.approx(1.0)
     assert w["clean_mean_abs_deviation"] == pytest.approx(0.2 / 6)
     assert w["clean_within_0.05"] == pytest.approx(4 / 6)
-    assert bench._bench_done(rec, opts) and not bench._bench_done({"learned": {}}, opts)
+    c = rec["contamination"]                                          # occluded query a only
+    assert c["original"]["rank1"] == 1 and c["occluded"]["rank1"] == 0
+    assert c["original_visible_only"]["rank1"] == 1 and c["occluded_visible_only"]["rank1"] == 1
+    assert c["cos_visible"] == pytest.approx(1.0) and c["cos_hidden"] == pytest.approx(0.0)
+    assert bench._bench_done(rec, opts)
+    assert not bench._bench_done({k: v for k, v in rec.items() if k != "contamination"}, opts)
     text = "\n".join(bench._bench_section([{"variant": "awpcn", "seed": 0, "occ_bench": rec}], "occ_bench", "T"))
     assert "| AWPCN checkpoint, true visibility as query weights (oracle) | 0 | 100.0 |" in text
     assert "AWPCN learned − true-visibility (oracle) weights, same checkpoints (0): mAP" in text
     assert "| clean images: share of stripes within 1 ± 0.05 | 0.667 |" in text
+    # official (trapezoid) AP of one match at rank 2: (0 + 1/2) / 2
+    assert "| awpcn | 0 | 100.0 | 25.0 | 100.0 | 100.0 | 1.000 | 0.000 |" in text
