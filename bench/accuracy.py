@@ -471,9 +471,11 @@ def markdown(records: list[dict], args) -> str:
 
 def compare(outs: list[str]) -> str:
     """Validation results of several configurations (one OUT each), and the best per variant
-    by mean validation mAP: how settings are chosen without touching the test split."""
+    by mean validation mAP over the seeds every configuration of that variant has (more seeds
+    for the chosen one later must not change the choice): how settings are chosen without
+    touching the test split."""
     lines = ["| configuration | variant | seeds | val Rank-1 | val mAP |", "| --- | --- | --- | --- | --- |"]
-    best: dict[str, tuple[float, str]] = {}
+    val: dict[str, dict[str, dict[int, float]]] = {}
     for out in outs:
         path = Path(out) / "results.json"
         if not path.is_file():
@@ -486,11 +488,18 @@ def compare(outs: list[str]) -> str:
             flags = " ".join(rs[0]["train_args"])
             lines.append(f"| `{flags}` | {variant} | {','.join(str(r['seed']) for r in rs)} | "
                          f"{_ms([r['val']['rank1'] for r in rs])} | {_ms([r['val']['mAP'] for r in rs])} |")
-            m = statistics.mean(r["val"]["mAP"] for r in rs)
-            if variant not in best or m > best[variant][0]:
-                best[variant] = (m, out)
+            val.setdefault(variant, {})[out] = {r["seed"]: r["val"]["mAP"] for r in rs}
     lines.append("")
-    lines += [f"best {v} on validation mAP: {out} ({100 * m:.1f})" for v, (m, out) in best.items()]
+    best: dict[str, tuple[float, str]] = {}
+    for variant, by_out in val.items():
+        seeds = sorted(set.intersection(*(set(v) for v in by_out.values())))
+        if not seeds:
+            lines.append(f"{variant}: no seed common to every configuration; nothing chosen")
+            continue
+        m, out = max((statistics.mean(v[s] for s in seeds), out) for out, v in by_out.items())
+        best[variant] = (m, out)
+        lines.append(f"best {variant} on validation mAP (seeds {','.join(map(str, seeds))}, common to every "
+                     f"configuration): {out} ({100 * m:.1f})")
     # The chosen configuration of each variant, side by side, with whatever --final measured.
     chosen = [r for v, (_, out) in best.items() for r in json.loads((Path(out) / "results.json").read_text())
               if r["variant"] == v]

@@ -76,11 +76,19 @@ def test_compare_picks_each_variant_on_validation_and_tabulates_the_chosen(tmp_p
     write(tmp_path / "a", "0.05", 0.50, 0.60)
     write(tmp_path / "b", "0.1", 0.55, 0.58)
     text = bench.compare([str(tmp_path / "a"), str(tmp_path / "b")])
-    assert f"best pcb on validation mAP: {tmp_path / 'b'} (55.0)" in text
-    assert f"best awpcn on validation mAP: {tmp_path / 'a'} (60.0)" in text
+    assert f"best pcb on validation mAP (seeds 0, common to every configuration): {tmp_path / 'b'} (55.0)" in text
+    assert f"best awpcn on validation mAP (seeds 0, common to every configuration): {tmp_path / 'a'} (60.0)" in text
     # The test-split table holds the chosen runs: PCB at 0.1 (27.5), AWPCN at 0.05 (30.0).
     assert "| PCB (P=6, uniform) | 0 | 27.5 | 27.5 | 27.5 | 27.5 |" in text
     assert "AWPCN − PCB, paired by seed (0): mAP +2.5, Rank-1 +2.5 points." in text
+    # More seeds of the chosen configuration (a worse seed 1) do not change the choice: it is
+    # made on the seeds every configuration has; the table then holds both seeds.
+    recs = json.loads((tmp_path / "a" / "results.json").read_text())
+    recs.append({**recs[1], "seed": 1, "val": m(0.40), "learned": m(0.20)})
+    (tmp_path / "a" / "results.json").write_text(json.dumps(recs))
+    text = bench.compare([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert f"best awpcn on validation mAP (seeds 0, common to every configuration): {tmp_path / 'a'} (60.0)" in text
+    assert "| AWPCN (P=6, adaptive) | 0,1 | 25.0 ± 7.1 |" in text
 
 
 def test_occlusion_benchmark_oracle_and_clean_spread_on_a_hand_built_case():
