@@ -78,8 +78,11 @@ def test_sigkill_during_training_then_resume_equals_uninterrupted(synthetic_dir,
 
 
 def test_ctrl_c_saves_weights_and_exits_cleanly(synthetic_dir, tmp_path):
+    # A suite started in the background (nohup ... &) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the child the default, as a terminal would.
     proc = subprocess.Popen(train_cmd(synthetic_dir, tmp_path, "--epochs", "50"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_epoch(tmp_path / "run" / "last.pt", 1, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
