@@ -562,7 +562,9 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
 def _teacher(model, img: torch.Tensor, clean: torch.Tensor, channels_last: bool):
     """(index (M,), embeddings (M,P,D)) of the batch's images that an occluder or erasing
     changed, computed from their clean versions without gradient (the invariance target).
-    The unwrapped model: no DistributedDataParallel bookkeeping for a pass without backward."""
+    The unwrapped model: no DistributedDataParallel bookkeeping for a pass without backward.
+    BatchNorm stays in training mode, so the target is normalised with batch statistics as the
+    student is (early running averages are poor); the running averages also see clean images."""
     idx = (img != clean).flatten(1).any(1).nonzero().flatten()
     if len(idx) == 0:
         return idx, None
