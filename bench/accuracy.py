@@ -165,20 +165,25 @@ def contamination(feats: dict, truth: dict, feat_rows: int, originals: torch.Ten
             "cos_visible": float(cos[keep].mean()), "cos_hidden": float(cos[vis[occluded] <= 0.5].mean())}
 
 
-def originals_of(feats: dict, bench_dir: str, run_dir: Path, workers: int) -> torch.Tensor:
+def originals_of(feats: dict, bench_dir: str, run_dir: Path) -> torch.Tensor:
     """(Q, P, D) embeddings of the benchmark's queries as they were before occlusion (the
     files of the same name in its source, occlusion.json's "source"/"originals"), extracted
-    as test.py extracts; clean queries are their own originals."""
+    as test.py extracts; clean queries are their own originals, so only the occluded ones
+    are extracted."""
     import inference
 
-    meta = json.loads((Path(bench_dir) / datasets.OCCLUSION_FILE).read_text())
-    src = Path(meta["source"]) / meta.get("originals", datasets.SPLITS["query"])
+    truth = datasets.occlusion_truth(bench_dir)
+    src = Path(truth["source"]) / truth.get("originals", datasets.SPLITS["query"])
+    paths = feats["query"]["paths"]
+    occluded = [i for i, p in enumerate(paths) if datasets.occluded_rows(truth, p)]
     ext = inference.Extractor.from_run(run_dir, device="cpu")
-    emb, _, bad = ext.extract_files([src / Path(p).name for p in feats["query"]["paths"]], progress=False)
+    emb, _, bad = ext.extract_files([src / Path(paths[i]).name for i in occluded], progress=False)
     if bad:
         raise UserError(f"{src}: {len(bad)} originals of {bench_dir}'s queries are missing or unreadable "
                         f"(first: {bad[0]}); rebuild the benchmark from its source")
-    return emb
+    out = feats["query"]["emb"].clone()
+    out[occluded] = emb
+    return out
 
 
 def _feat_rows(opts: dict) -> int:
@@ -260,12 +265,12 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
         feats = _test_features(test_mod, name, runs_dir, args.workers, args.val_occluded)
         record["val_occ"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.val_occluded), opts,
                                                 str(args.val_occluded),
-                                                originals_of(feats, args.val_occluded, runs_dir / name, args.workers))
+                                                originals_of(feats, args.val_occluded, runs_dir / name))
     if (args.final or not opts["val_ids"]) and args.occluded and not _bench_done(record.get("occ_bench"), opts):
         feats = _test_features(test_mod, name, runs_dir, args.workers, args.occluded)
         record["occ_bench"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.occluded), opts,
                                                   str(args.occluded),
-                                                  originals_of(feats, args.occluded, runs_dir / name, args.workers))
+                                                  originals_of(feats, args.occluded, runs_dir / name))
     if (args.final or not opts["val_ids"]) and "learned" not in record:
         # One extraction per split: the uniform-at-test ablation reuses the saved features (the
         # part embeddings do not depend on the weighting; only the weights are replaced).

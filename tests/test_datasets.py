@@ -420,17 +420,7 @@ def test_check_lists_every_broken_file_and_fails(synthetic_dir, tmp_path, capsys
 
 def test_msmt17_conversion_copies_offsets_labels_and_leaves_source(tmp_path):
     src = tmp_path / "MSMT17_V1"
-    lists = {"list_train.txt": ("train", ["0000/0000_000_01_0303morning_0015_0.jpg 0",
-                                          "0001/0001_003_07_0303noon_0100_1.jpg 1"]),
-             "list_val.txt": ("train", ["0001/0001_004_02_0303noon_0101_1.jpg 1"]),
-             "list_query.txt": ("test", ["0000/0000_000_05_0303morning_0015_0.jpg 0"]),
-             "list_gallery.txt": ("test", ["0000/0000_001_15_0303morning_0016_0.jpg 0"])}
-    for name, (split, lines) in lists.items():
-        for line in lines:
-            p = src / split / line.split()[0]
-            p.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (4, 8)).save(p)
-        (src / name).write_text("\n".join(lines) + "\n")
+    _tiny_msmt17(src)
     before = digest(src)
     out = tmp_path / "msmt"
     assert prepare.main(["--msmt17", str(src), str(out)]) == 0
