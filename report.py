@@ -30,7 +30,8 @@ from PIL import Image
 
 import datasets
 import evaluate
-from utils import DEFAULT_RUN, FEATURES_FILE, UserError, atomic_write_text, cli, load_features, load_yaml
+from utils import (DEFAULT_RUN, FEATURES_FILE, UserError, atomic_write_text, cli, load_features, load_yaml,
+                   same_dataset)
 
 REPORT_FILE = "report.html"
 WORST = 30          # failures shown
@@ -348,10 +349,6 @@ def query_rows(idx: list[int], feats: dict, weighting: str, per_query: evaluate.
 
 
 # --------------------------------------------------------------------------- the page
-def _same_path(a, b) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
 def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap: str = "official",
                  rerank: bool = False, out: str | os.PathLike | None = None,
                  known: dict | None = None) -> Path:
@@ -388,7 +385,7 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
     trained_on = opts.get("data_root") or opts.get("data_dir")
     if not trained_on:
         sets_note = '<span class="warn">training set unknown (no opts.yaml data_root)</span>'
-    elif _same_path(trained_on, test_root):
+    elif same_dataset(trained_on, test_root):
         sets_note = "same dataset as training (its own query/gallery split)"
     else:
         sets_note = '<span class="badge">cross-dataset</span> the test set is not the training set'

@@ -25,7 +25,7 @@ import report
 # find_run / load_model live in inference.py (shared with inference.Extractor); test.load_model stays importable.
 from inference import embed_batch, find_run, fuse_for_inference, load_model  # noqa: F401
 from model import AWPCN
-from utils import (DEFAULT_RUN, UserError, atomic_write_text, cli, save_features,
+from utils import (DEFAULT_RUN, UserError, atomic_write_text, cli, same_dataset, save_features,
                    save_figure, select_device)
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +102,7 @@ def sets_line(trained_on: str | None, tested_on: Path) -> str:
     cross-dataset, so such a result is never read as an in-domain one."""
     if not trained_on:
         return f"trained on ? (opts.yaml has no data_root), tested on {tested_on}"
-    if Path(trained_on).expanduser().resolve() == Path(tested_on).expanduser().resolve():
+    if same_dataset(trained_on, tested_on):
         return f"trained on {trained_on}, tested on {tested_on} (same dataset)"
     return f"cross-dataset: trained on {trained_on}, tested on {tested_on}"
 

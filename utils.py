@@ -219,6 +219,11 @@ def load_features(run_dir: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------- misc
+def same_dataset(trained_on: str | os.PathLike, tested_on: str | os.PathLike) -> bool:
+    """Whether a run's training folder is the folder it is tested on (else: cross-dataset)."""
+    return Path(trained_on).expanduser().resolve() == Path(tested_on).expanduser().resolve()
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

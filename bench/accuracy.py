@@ -291,11 +291,19 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
     return record
 
 
+def _train_settings(preset: str, train_args: list[str]) -> dict:
+    """The training options a preset and train.py flags amount to, whatever the flags' order
+    or spelling (``--lr 0.1`` = ``--lr=0.1``; a default typed out = left out)."""
+    opts = train.parse_opts(["--preset", preset, *train_args])
+    opts.pop("given")
+    return opts
+
+
 def _made_with(record: dict, args) -> bool:
     """Whether a finished run was made with this preset and these train.py flags (runs from
     before the bench recorded them count as made with any)."""
-    return (record.get("preset", args.preset), record.get("train_args", args.train_args)) == \
-        (args.preset, args.train_args)
+    return _train_settings(record.get("preset", args.preset), record.get("train_args", args.train_args)) == \
+        _train_settings(args.preset, args.train_args)
 
 
 def finished_runs(args) -> list[dict]:

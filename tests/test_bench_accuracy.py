@@ -49,6 +49,17 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     assert "no finished run made with preset 'cpu' and train.py flags []" in capsys.readouterr().err
 
 
+def test_a_finished_run_matches_its_flags_in_any_order_or_spelling():
+    bench = _bench()
+    record = {"preset": "cpu", "train_args": ["--epochs", "12", "--lr", "0.1", "--head", "visibility"]}
+    same = lambda *flags: bench._made_with(record, argparse.Namespace(preset="cpu", train_args=list(flags)))  # noqa: E731
+    assert same("--head", "visibility", "--lr=0.1", "--epochs", "12")
+    assert not same("--epochs", "12", "--lr", "0.05", "--head", "visibility")
+    assert not same("--epochs", "12", "--lr", "0.1")
+    # A default typed out trains the same network as a default left out.
+    assert same("--epochs", "12", "--lr", "0.1", "--head", "visibility", "--occluder", "patch")
+
+
 def test_table_reports_paired_seeds_and_their_spread():
     bench = _bench()
     rec = lambda v, s, m: {"variant": v, "seed": s, "train_seconds": 60.0,  # noqa: E731

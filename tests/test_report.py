@@ -18,7 +18,7 @@ import evaluate as E
 import report
 import train
 from test_evaluate import oracle, random_problem
-from utils import load_features, save_features
+from utils import load_features, load_yaml, save_features, save_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("header", "metrics", "weights", "cameras", "occlusion", "failures", "successes")
@@ -109,6 +109,7 @@ def test_report_has_every_section_the_worst_queries_and_the_metrics_of_result_tx
     q, g = feats["query"], feats["gallery"]
     nq, ng = len(q["paths"]), len(g["paths"])
     assert f"{nq} queries" in text and f"{ng} gallery images" in text
+    assert "same dataset as training" in text and "cross-dataset" not in text
 
     # Metrics: the learned column is test.py's result.txt (plain and re-ranked), the uniform one
     # is the same features evaluated with equal weights.
@@ -198,6 +199,11 @@ def test_report_py_rebuilds_from_features_alone(run, tmp_path, capsys):
                              ap="standard").per_query
     worst = [r for r in page.rows if r["section"] == "failures"]
     assert [r["ap"] for r in worst] == pytest.approx([float(pq.ap[r["query"]]) for r in worst])
+    # A run trained elsewhere is flagged as a cross-dataset result.
+    assert '<span class="badge">cross-dataset</span>' not in (copy / "report.html").read_text(encoding="utf-8")
+    save_yaml(copy / "opts.yaml", {**load_yaml(copy / "opts.yaml"), "data_root": str(tmp_path / "elsewhere")})
+    assert report.main(["--name", "run", "--runs_dir", str(tmp_path / "runs"), "--weighting", "uniform"]) == 0
+    assert '<span class="badge">cross-dataset</span>' in (copy / "report.html").read_text(encoding="utf-8")
 
 
 def test_uniform_run_no_occlusion_truth_and_missing_images(run, tmp_path, capsys):
