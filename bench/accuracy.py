@@ -239,7 +239,7 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
     record = None
     if done.is_file():
         record = json.loads(done.read_text())
-        if not _made_with(record, args):
+        if not _made_with(record, args, done.parent):
             raise UserError(f"{done}: this run was made with preset {record['preset']!r} and train.py flags "
                             f"{record['train_args']}, not {args.preset!r} and {args.train_args}; pass the "
                             "same flags or another --out")
@@ -299,11 +299,27 @@ def _train_settings(preset: str, train_args: list[str]) -> dict:
     return opts
 
 
-def _made_with(record: dict, args) -> bool:
-    """Whether a finished run was made with this preset and these train.py flags (runs from
-    before the bench recorded them count as made with any)."""
-    return _train_settings(record.get("preset", args.preset), record.get("train_args", args.train_args)) == \
-        _train_settings(args.preset, args.train_args)
+# Options that say where a run lives or how fast it ran, not what it learned.
+_NOT_TRAINING = {"data_dir", "data_root", "runs_dir", "name", "seed", "overwrite", "resume", "device", "workers",
+                 "save_every", "given", "num_classes", "preset"}
+
+
+def _made_with(record: dict, args, run_dir: Path | None = None) -> bool:
+    """Whether a finished run was made with this preset and these train.py flags.
+
+    With the run's opts.yaml at hand, the options it was actually trained with are compared,
+    so a train.py default changed since cannot pass an old run off as one made with today's
+    default; options the run predates are not compared. Without it, the flags it was started
+    with are parsed with today's defaults (runs from before the bench recorded them count as
+    made with any)."""
+    variant = VARIANTS.get(record.get("variant"), [])
+    want = _train_settings(args.preset, [*variant, *args.train_args])
+    stored = Path(run_dir) / "opts.yaml" if run_dir is not None else None
+    if stored is not None and stored.is_file():
+        had = load_yaml(stored)
+        return all(had[k] == v for k, v in want.items() if k in had and k not in _NOT_TRAINING)
+    return _train_settings(record.get("preset", args.preset),
+                           [*variant, *record.get("train_args", args.train_args)]) == want
 
 
 def finished_runs(args) -> list[dict]:
@@ -312,7 +328,7 @@ def finished_runs(args) -> list[dict]:
     records, other = [], []
     for f in sorted((Path(args.out) / "runs").glob("*/bench.json")):
         r = json.loads(f.read_text())
-        (records if _made_with(r, args) and r["variant"] in args.variants else other).append(r)
+        (records if _made_with(r, args, f.parent) and r["variant"] in args.variants else other).append(r)
     if other:
         print(f"left out {len(other)} finished runs of other variants or flags: "
               + ", ".join(f"{r['variant']}_s{r['seed']}" for r in other))

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from utils import save_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,15 +51,29 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     assert "no finished run made with preset 'cpu' and train.py flags []" in capsys.readouterr().err
 
 
-def test_a_finished_run_matches_its_flags_in_any_order_or_spelling():
+def test_a_finished_run_matches_its_flags_in_any_order_or_spelling(tmp_path):
     bench = _bench()
-    record = {"preset": "cpu", "train_args": ["--epochs", "12", "--lr", "0.1", "--head", "visibility"]}
-    same = lambda *flags: bench._made_with(record, argparse.Namespace(preset="cpu", train_args=list(flags)))  # noqa: E731
-    assert same("--head", "visibility", "--lr=0.1", "--epochs", "12")
-    assert not same("--epochs", "12", "--lr", "0.05", "--head", "visibility")
-    assert not same("--epochs", "12", "--lr", "0.1")
+    record = {"variant": "awpcn", "preset": "cpu", "train_args": ["--epochs", "12", "--lr", "0.1", "--head", "spatial"]}
+    args = lambda *flags: argparse.Namespace(preset="cpu", train_args=list(flags))  # noqa: E731
+    same = lambda *flags: bench._made_with(record, args(*flags))  # noqa: E731
+    assert same("--head", "spatial", "--lr=0.1", "--epochs", "12")
+    assert not same("--epochs", "12", "--lr", "0.05", "--head", "spatial")
+    assert not same("--epochs", "12", "--lr", "0.1")          # today's default head is another
     # A default typed out trains the same network as a default left out.
-    assert same("--epochs", "12", "--lr", "0.1", "--head", "visibility", "--occluder", "patch")
+    assert same("--epochs", "12", "--lr", "0.1", "--head", "spatial", "--occlude_prob", "0.3")
+    # With the run's opts.yaml at hand, what it was trained with decides, not the flags it was
+    # started with under the defaults of its day: a run made when `spatial` was the default
+    # is not today's default run, whatever its record says.
+    run = tmp_path / "awpcn_s0"
+    run.mkdir()
+    trained = bench._train_settings("cpu", [*bench.VARIANTS["awpcn"], "--epochs", "12", "--head", "spatial"])
+    save_yaml(run / "opts.yaml", {**trained, "name": "awpcn_s0", "data_root": "/somewhere", "num_classes": 7})
+    old = {"variant": "awpcn", "preset": "cpu", "train_args": ["--epochs", "12"]}
+    assert not bench._made_with(old, args("--epochs", "12"), run)
+    assert bench._made_with(old, args("--epochs", "12", "--head", "spatial"), run)
+    # An opts.yaml from before an option existed still matches (the option is not compared).
+    save_yaml(run / "opts.yaml", {k: v for k, v in trained.items() if k != "invariance"})
+    assert bench._made_with(old, args("--epochs", "12", "--head", "spatial", "--invariance", "0"), run)
 
 
 def test_table_reports_paired_seeds_and_their_spread():
@@ -143,3 +159,30 @@ def test_occlusion_benchmark_oracle_and_clean_spread_on_a_hand_built_case():
     assert "| clean images: share of stripes within 1 ± 0.05 | 0.667 |" in text
     # official (trapezoid) AP of one match at rank 2: (0 + 1/2) / 2
     assert "| awpcn | 0 | 100.0 | 25.0 | 100.0 | 100.0 | 1.000 | 0.000 |" in text
+
+
+def test_head_probe_scores_a_perfect_head_on_a_hand_built_case():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("head_probe", REPO / "bench" / "head_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    # Two images, a 6x1 trunk map whose one channel is +20 where visible and -20 where hidden;
+    # the head is the identity, so it predicts visibility exactly. Image 0 has its lower half
+    # hidden, image 1 is clean.
+    vis = torch.ones(2, 12, 2)
+    vis[0, 6:] = 0
+    maps = torch.where(vis[:, ::2, :1] > 0, 20.0, -20.0).permute(0, 2, 1).unsqueeze(-1)   # (2, 1, 6, 1)
+    head = torch.nn.Conv2d(1, 1, 1)
+    torch.nn.init.ones_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    s = probe.score(head, maps, vis, parts=6)
+    assert s["vis_mae"] < 1e-6
+    # Image 0: three visible stripes share the weight, 1/3 each = 2 x uniform; hidden ones 0.
+    assert s["w_occluded_stripes"] < 1e-6
+    assert abs(s["w_visible_stripes_of_occluded"] - 2.0) < 1e-6
+    # A head that says "all visible" everywhere errs by the hidden half of image 0 (3 of 12 stripes).
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.constant_(head.bias, 20.0)
+    s = probe.score(head, maps, vis, parts=6)
+    assert abs(s["vis_mae"] - 0.25) < 1e-6 and abs(s["w_occluded_stripes"] - 1.0) < 1e-6
