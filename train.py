@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parts", type=int, default=6, help="horizontal stripes P")
     g.add_argument("--embed_dim", type=int, default=256, help="per-part embedding size")
     g.add_argument("--weighting", default="adaptive", choices=WEIGHTINGS, help="uniform = PCB")
-    g.add_argument("--head", default="spatial", choices=HEADS,
-                   help="spatial: per-location visibility map (pools and weights the stripes); visibility: "
-                        "one visibility score per stripe; softmax: weights trained by the fused CE only")
+    g.add_argument("--head", default="visibility", choices=HEADS,
+                   help="visibility: one visibility score per stripe; spatial: per-location visibility map (pools "
+                        "and weights the stripes); softmax: weights trained by the fused CE only")
     g.add_argument("--temperature", type=float, default=1.0, help="temperature of the part-weight head")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout before the part classifiers")
     g.add_argument("--last_stride", type=int, default=1, choices=[1, 2])
@@ -81,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batchsize", type=int, default=64, help="images per step over all processes (P x K)")
     g.add_argument("--instances", type=int, default=4, help="images per identity in a batch (K)")
     g.add_argument("--erasing", type=float, default=0.5, help="RandomErasing probability")
-    g.add_argument("--occlude_prob", type=float, default=0.5,
+    g.add_argument("--occlude_prob", type=float, default=0.3,
                    help="probability of an occluder on a training image (teaches the weight head)")
-    g.add_argument("--occluder", default="patch", choices=datasets.OCCLUDERS,
-                   help="patch: a soft-edged piece of another identity's training image at the bottom, top or "
-                        "a side; band: a flat noise band over the top or bottom rows; both: either")
+    g.add_argument("--occluder", default="band", choices=datasets.OCCLUDERS,
+                   help="band: a flat noise band over the top or bottom rows; patch: a soft-edged piece of another "
+                        "identity's training image at the bottom, top or a side; both: either")
     g.add_argument("--val_ids", type=float, default=0.0,
                    help="hold out this fraction of the training ids as a validation query/gallery "
                         "(test.py --split val); 0: train on all")
