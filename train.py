@@ -365,12 +365,7 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=has_unused_parameters(opts))
 
-    bank = [(p, label) for p, label, _ in data.train]
-    transform = datasets.build_transforms(opts["height"], opts["width"], train=True,
-                                          erasing_prob=opts["erasing"], occlude_prob=opts["occlude_prob"],
-                                          occluder=opts.get("occluder", "band"), occluder_bank=bank,
-                                          color_jitter=opts["color_jitter"], keep_clean=opts.get("invariance", 0) > 0)
-    train_set = datasets.ImageDataset(data.train, transform)
+    train_set = datasets.ImageDataset(data.train, train_transform(opts, data))
     labels = [label for _, label, _ in data.train]
     per_rank = opts["batchsize"] // world
     if per_rank % opts["instances"]:
@@ -446,6 +441,15 @@ class _Loop:
     epoch: int = 0
     iteration: int = 0
     probe: tuple | None = None  # (images, per-pixel visibility) for the per-epoch visibility error
+
+
+def train_transform(opts: dict, data: datasets.ReIDData):
+    """The run's training augmentation (its occluders cut from its own training images)."""
+    bank = [(p, label) for p, label, _ in data.train]
+    return datasets.build_transforms(opts["height"], opts["width"], train=True, erasing_prob=opts["erasing"],
+                                     occlude_prob=opts["occlude_prob"], occluder=opts.get("occluder", "band"),
+                                     occluder_bank=bank, color_jitter=opts["color_jitter"],
+                                     keep_clean=opts.get("invariance", 0) > 0)
 
 
 def visibility_probe(val: datasets.ReIDData, opts: dict, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

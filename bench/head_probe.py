@@ -63,10 +63,7 @@ def trunk_maps(model, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
 def augmented_set(model, data, opts: dict, passes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Trunk maps (N,C,h,w) float16 and per-pixel visibility (N,H,W) of ``passes`` copies of
     the training images under the run's own training transform (its occluders, p and all)."""
-    bank = [(p, label) for p, label, _ in data.train]
-    t = datasets.build_transforms(opts["height"], opts["width"], train=True, erasing_prob=opts["erasing"],
-                                  occlude_prob=opts["occlude_prob"], occluder=opts.get("occluder", "band"),
-                                  occluder_bank=bank, color_jitter=opts["color_jitter"])
+    t = train.train_transform({**opts, "invariance": 0}, data)
     torch.manual_seed(seed)
     maps, vis = [], []
     items = data.train * passes
@@ -118,10 +115,10 @@ def fit(head, maps, vis, *, epochs: int, lr: float, batch: int = 256, seed: int 
     return head
 
 
-def ranked_with_head(run_dir: Path, head, occluded: str, out: Path) -> dict:
+def ranked_with_head(model, opts: dict, ckpt: dict, run_dir: Path, head, occluded: str, out: Path) -> dict:
     """The occlusion benchmark with the fine-tuned linear head in place of the run's own."""
     bench = _bench()
-    model, opts, ckpt = load_model(run_dir)
+    model = copy.deepcopy(model)
     model.vis_conv.load_state_dict(head.state_dict())
     runs = out / "runs"
     name = f"{run_dir.name}_probe_head"
@@ -137,13 +134,12 @@ def ranked_with_head(run_dir: Path, head, occluded: str, out: Path) -> dict:
 
 def run(args) -> dict:
     run_dir = Path(args.run)
-    model, opts, _ = load_model(run_dir)
+    model, opts, ckpt = load_model(run_dir)
     if not model.spatial:
         raise UserError(f"{run_dir}: a {opts['weighting']}/{opts.get('head')} run; this diagnostic needs the "
                         "spatial head (--weighting adaptive --head spatial)")
     if not opts.get("val_ids"):
         raise UserError(f"{run_dir}: trained without --val_ids; the probe needs held-out validation ids")
-    torch.set_grad_enabled(True)
     seed_everything(args.seed)
     data = datasets.load_dataset(opts.get("data_root") or opts["data_dir"])
     data, val = datasets.carve_validation(data, opts["val_ids"])
@@ -167,7 +163,8 @@ def run(args) -> dict:
         fit(head, maps, vis, epochs=args.epochs, lr=args.lr, seed=args.seed, on_epoch=on_epoch)
         result["heads"][kind] = curve
         if kind == "linear" and args.occluded:
-            result["linear_on_benchmark"] = ranked_with_head(run_dir, head, args.occluded, Path(args.out))
+            result["linear_on_benchmark"] = ranked_with_head(model, opts, ckpt, run_dir, head, args.occluded,
+                                                             Path(args.out))
     return result
 
 
