@@ -55,32 +55,47 @@ def _test_module():
     return mod
 
 
-def occlusion_report(feats: dict, truth: dict, feat_rows: int | None = None) -> dict:
-    """Mean learned weight x P (1.0 = uniform) of occluded stripes (≥ half hidden), of fully
-    visible stripes (< 5 % hidden) of occluded images, and of clean images, from the ground
-    truth; stripes pooled over the rows the model pools (``feat_rows``: its map height).
+# A stripe is "occluded" when at least half of it is hidden and "visible" when under 5 % is;
+# every weight and contamination figure uses these two thresholds.
+HIDDEN_STRIPE, VISIBLE_STRIPE = 0.5, 0.05
 
-    The clean-image mean is 1 by construction (weights sum to one), so their spread is
-    reported too: the mean |weight x P - 1| and the share of stripes within 1 ± 0.05.
+
+def stripe_classes(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (N, P) hidden fraction of each stripe -> (occluded, visible) (N, P) bool masks."""
+    return hidden >= HIDDEN_STRIPE, hidden < VISIBLE_STRIPE
+
+
+def weight_summary(wp: torch.Tensor, hidden: torch.Tensor, occluded_image: torch.Tensor) -> dict:
+    """Mean weight x P (1.0 = uniform) of occluded stripes, of visible stripes of occluded
+    images and of clean images, and the clean images' spread (mean |weight x P - 1|, share
+    within 1 ± 0.05: their mean is 1 by construction, weights summing to one).
+
+    wp: (N, P) weight x P; hidden: (N, P) hidden fraction of each stripe; occluded_image: (N,) bool.
     """
-    occ, vis_on_occ, clean = [], [], []
+    occ, vis = stripe_classes(hidden)
+    img = occluded_image.view(-1, 1).expand_as(wp)
+    clean = wp[~img]
+    mean = lambda t: float(t.mean()) if t.numel() else float("nan")  # noqa: E731
+    return {"occluded_stripes": mean(wp[occ & img]), "visible_stripes_of_occluded_images": mean(wp[vis & img]),
+            "stripes_of_clean_images": mean(clean),
+            "clean_mean_abs_deviation": mean((clean - 1).abs()),
+            "clean_within_0.05": mean(((clean - 1).abs() <= 0.05).float())}
+
+
+def occlusion_report(feats: dict, truth: dict, feat_rows: int | None = None) -> dict:
+    """:func:`weight_summary` of the learned weights of a benchmark's query and gallery images
+    against its ground truth; stripes pooled over the rows the model pools (``feat_rows``:
+    its map height)."""
+    wp, hidden, occluded = [], [], []
     for split in ("query", "gallery"):
         s = feats[split]
         parts = s["weights"].shape[1]
-        for path, w in zip(s["paths"], s["weights"]):
+        wp.append(s["weights"].float() * parts)
+        for path in s["paths"]:
             entry = datasets.occluded_rows(truth, path)
-            w = (w * parts).tolist()
-            if not entry:
-                clean.extend(w)
-                continue
-            hidden = datasets.stripe_hidden(entry, parts, truth.get("height", 0), feat_rows)
-            for wi, fi in zip(w, hidden):
-                (occ if fi >= 0.5 else vis_on_occ if fi < 0.05 else []).append(wi)
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return {"occluded_stripes": mean(occ), "visible_stripes_of_occluded_images": mean(vis_on_occ),
-            "stripes_of_clean_images": mean(clean),
-            "clean_mean_abs_deviation": mean([abs(w - 1) for w in clean]),
-            "clean_within_0.05": mean([float(abs(w - 1) <= 0.05) for w in clean])}
+            hidden.append(datasets.stripe_hidden(entry, parts, truth.get("height", 0), feat_rows))
+            occluded.append(bool(entry))
+    return weight_summary(torch.cat(wp), torch.tensor(hidden), torch.tensor(occluded, dtype=torch.bool))
 
 
 def true_visibility(feats: dict, truth: dict, feat_rows: int | None) -> torch.Tensor:
@@ -152,7 +167,7 @@ def contamination(feats: dict, truth: dict, feat_rows: int, originals: torch.Ten
     q = feats["query"]
     occluded = torch.tensor([bool(datasets.occluded_rows(truth, p)) for p in q["paths"]])
     vis = true_visibility(feats, truth, feat_rows)
-    visible = (vis > 0.95).float()
+    visible = stripe_classes(1 - vis)[1].float()
     # 1e-6: a stripe left out, not a query with no stripe at all (the distance would be 1)
     only = visible + 1e-6
     swapped = {**feats, "query": {**q, "emb": originals}}
@@ -162,7 +177,8 @@ def contamination(feats: dict, truth: dict, feat_rows: int, originals: torch.Ten
             "occluded": metrics_from_features(feats, "uniform", occluded),
             "original_visible_only": metrics_from_features(swapped, "uniform", occluded, only),
             "occluded_visible_only": metrics_from_features(feats, "uniform", occluded, only),
-            "cos_visible": float(cos[keep].mean()), "cos_hidden": float(cos[vis[occluded] <= 0.5].mean())}
+            "cos_visible": float(cos[keep].mean()),
+            "cos_hidden": float(cos[stripe_classes(1 - vis[occluded])[0]].mean())}
 
 
 def originals_of(feats: dict, bench_dir: str, run_dir: Path) -> torch.Tensor:
@@ -301,7 +317,7 @@ def _train_settings(preset: str, train_args: list[str]) -> dict:
 
 # Options that say where a run lives or how fast it ran, not what it learned.
 _NOT_TRAINING = {"data_dir", "data_root", "runs_dir", "name", "seed", "overwrite", "resume", "device", "workers",
-                 "save_every", "given", "num_classes", "preset"}
+                 "save_every", "num_classes", "preset"}
 
 
 def _made_with(record: dict, args, run_dir: Path | None = None) -> bool:

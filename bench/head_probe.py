@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import shutil
@@ -46,6 +47,7 @@ from losses import cell_visibility, stripe_visibility  # noqa: E402
 from utils import UserError, atomic_write_text, cli, save_checkpoint, seed_everything  # noqa: E402
 
 
+@functools.cache
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
     mod = importlib.util.module_from_spec(spec)
@@ -85,17 +87,16 @@ def make_head(kind: str, model) -> torch.nn.Module:
 
 
 def score(head, maps: torch.Tensor, vis: torch.Tensor, parts: int) -> dict:
-    """Stripe visibility error and weight x P on probe maps (N,C,h,w) with pixel visibility (N,H,W)."""
+    """Stripe visibility error and weight x P (bench/accuracy.py's weight_summary) on probe
+    maps (N,C,h,w) with pixel visibility (N,H,W)."""
     with torch.no_grad():
         m = torch.sigmoid(torch.cat([head(x.float()) for x in maps.split(256)]))          # (N,1,h,w)
     pred = F.adaptive_avg_pool2d(m, (parts, 1)).flatten(1)                                # (N,P)
     true = stripe_visibility(vis.float(), parts, tuple(maps.shape[2:]))
     wp = pred / pred.sum(1, keepdim=True).clamp_min(1e-6) * parts
-    hidden, visible = true <= 0.5, true >= 0.95
-    occluded_img = hidden.any(1, keepdim=True).expand_as(hidden)
-    return {"vis_mae": float((pred - true).abs().mean()),
-            "w_occluded_stripes": float(wp[hidden].mean()),
-            "w_visible_stripes_of_occluded": float(wp[visible & occluded_img].mean())}
+    w = _bench().weight_summary(wp, 1 - true, (true < 1).any(1))
+    return {"vis_mae": float((pred - true).abs().mean()), "w_occluded_stripes": w["occluded_stripes"],
+            "w_visible_stripes_of_occluded": w["visible_stripes_of_occluded_images"]}
 
 
 def fit(head, maps, vis, *, epochs: int, lr: float, batch: int = 256, seed: int = 0, on_epoch=None):
