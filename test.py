@@ -112,7 +112,9 @@ def append_result(path: Path, text: str) -> None:
     atomic_write_text(path, old + text)
 
 
-def run_test(args: argparse.Namespace) -> dict:
+def compute_features(args: argparse.Namespace) -> tuple[Path, dict, dict, float]:
+    """The run's query and gallery features on the chosen split, nothing written:
+    (run folder, its options, the features dict that features.pt holds, extraction seconds)."""
     run_dir = find_run(args.runs_dir, args.name)
     model, opts, ckpt = load_model(run_dir, args.which)
     device = select_device(args.device)
@@ -133,7 +135,6 @@ def run_test(args: argparse.Namespace) -> dict:
                                      need=("query", "gallery"))
     if args.rerank:  # before extraction: a refusal after it would cost the plain result too
         evaluate.check_rerank_size(len(data.query), len(data.gallery))
-    weighting = args.weighting or opts.get("weighting", "adaptive")
     kw = dict(device=device, batchsize=args.batchsize, workers=args.workers, flip=not args.no_flip,
               amp=args.amp, channels_last=True)
     t0 = time.perf_counter()
@@ -148,17 +149,24 @@ def run_test(args: argparse.Namespace) -> dict:
         "gallery": {"emb": gf, "weights": gw, "pids": torch.tensor([p for _, p, _ in data.gallery]),
                     "cams": torch.tensor([c for _, _, c in data.gallery]), "paths": [p for p, _, _ in data.gallery]},
     }
+    return run_dir, opts, features, t_extract
+
+
+def run_test(args: argparse.Namespace) -> dict:
+    run_dir, opts, features, t_extract = compute_features(args)
     if args.split == "test" and not args.no_features:
         save_features(run_dir, features)
-
-    qw, gw = evaluate.weights_for(weighting, qw, gw)
     q, g = features["query"], features["gallery"]
+    qf, gf = q["emb"], g["emb"]
+    weighting = args.weighting or opts.get("weighting", "adaptive")
+    qw, gw = evaluate.weights_for(weighting, q["weights"], g["weights"])
     t0 = time.perf_counter()
     res = evaluate.evaluate_features(qf, qw, gf, gw, q["pids"], g["pids"], q["cams"], g["cams"], ap=args.ap)
     t_eval = time.perf_counter() - t0
-    header = (f"{args.name} [{args.which}, epoch {ckpt.get('epoch', '?')}] "
-              + (f"validation ids held out of {data.root} " if args.split == "val" else
-                 f"{sets_line(opts.get('data_root') or opts.get('data_dir'), data.root)} ") +
+    root = features["data_root"]
+    header = (f"{args.name} [{args.which}, epoch {features['epoch']}] "
+              + (f"validation ids held out of {root} " if args.split == "val" else
+                 f"{sets_line(opts.get('data_root') or opts.get('data_dir'), Path(root))} ") +
               f"| weights: {weighting} | flip TTA: {'off' if args.no_flip else 'on'}")
     lines = [header, evaluate.format_result(res)]
     if res.get("num_skipped_queries"):
@@ -170,7 +178,7 @@ def run_test(args: argparse.Namespace) -> dict:
         rr = evaluate.evaluate(dist, q["pids"], g["pids"], q["cams"], g["cams"], ap=args.ap)
         lines.append("re-ranked (k1=20, k2=6, lambda=0.3): " + evaluate.format_result(rr))
         results["rerank"] = rr
-    lines.append(f"({len(data.query)} queries x {len(data.gallery)} gallery; extraction {t_extract:.1f} s, "
+    lines.append(f"({len(q['pids'])} queries x {len(g['pids'])} gallery; extraction {t_extract:.1f} s, "
                  f"evaluation {t_eval:.2f} s)")
     text = "\n".join(lines)
     print(text)

@@ -242,10 +242,11 @@ def _bench_done(rec: dict | None, opts: dict) -> bool:
 
 
 def _test_features(test_mod, name: str, runs_dir: Path, workers: int, data_dir: str) -> dict:
-    """Features of the run on ``data_dir``, leaving the run's features.pt (the test split's) alone."""
+    """Features of the run on ``data_dir``; nothing of the run's (features.pt, cmc.png,
+    result.txt: its test split's) is touched."""
     args = test_mod.build_parser().parse_args(["--name", name, "--runs_dir", str(runs_dir), "--workers",
-                                               str(workers), "--data_dir", str(data_dir), "--no_features"])
-    return test_mod.run_test(args)["features"]
+                                               str(workers), "--data_dir", str(data_dir)])
+    return test_mod.compute_features(args)[2]
 
 
 def run_one(variant: str, seed: int, args, test_mod) -> dict:

@@ -39,6 +39,12 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     before = (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns
     assert bench.main([*base, "--seeds", "0", "--variants", "pcb", *tiny]) == 0
     assert (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns == before
+    # Features on another set (an occlusion benchmark) leave the run's own test results alone.
+    run = out / "runs" / "pcb_s0"
+    kept = {f: (run / f).read_bytes() for f in ("result.txt", "cmc.png", "features.pt")}
+    feats = bench._test_features(bench._test_module(), "pcb_s0", out / "runs", 0, str(synthetic_dir))
+    assert feats["query"]["emb"].shape[1] == 6 and len(feats["query"]["paths"]) == len(feats["query"]["pids"])
+    assert {f: (run / f).read_bytes() for f in kept} == kept
     # ...but never one made with other flags,
     capsys.readouterr()
     assert bench.main([*base, "--seeds", "0", "--variants", "pcb", "--", "--epochs", "2"]) == 2
