@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import evaluate
-from utils import DEFAULT_RUN, FEATURES_FILE, UserError, cli, load_features, save_figure
+from utils import FEATURES_FILE, UserError, add_run_arguments, cli, load_features, save_figure
 
 def rank_gallery(feats: dict, index: int, topk: int, weighting: str):
     """Gallery ranking of query ``index`` under the evaluation protocol.
@@ -149,8 +149,7 @@ def run_demo(args: argparse.Namespace) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Draw a query's ranked list with part weights.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--name", default=DEFAULT_RUN, help="run name (folder under --runs_dir); train.py's default")
-    ap.add_argument("--runs_dir", default="model")
+    add_run_arguments(ap, which=None)
     ap.add_argument("--query_index", type=int, default=None, help="a query of the run's test set (features.pt)")
     ap.add_argument("--query", default=None, help="your own query image (with --gallery)")
     ap.add_argument("--gallery", default=None, help="folder of your own images, any names and depth (with --query)")

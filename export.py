@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import datasets
 import evaluate
 from inference import Extractor, embed_batch, find_run, fuse_for_inference, load_model
-from utils import DEFAULT_RUN, UserError, cli
+from utils import UserError, add_run_arguments, cli
 
 TOL = 1e-4                  # max |Δemb|, |Δweights| between onnxruntime and PyTorch
 REAL_QUERIES, REAL_GALLERY = 8, 16
@@ -328,9 +328,7 @@ def _batch(value: str):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Export a trained AWPCN run to ONNX, verified against PyTorch.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--name", default=DEFAULT_RUN, help="run name (folder under --runs_dir); train.py's default")
-    ap.add_argument("--runs_dir", default="model")
-    ap.add_argument("--which", default="last", help="checkpoint: last, epoch_NNN or interrupted")
+    add_run_arguments(ap)
     ap.add_argument("--out", default=None, help="ONNX file to write (default: RUNS_DIR/NAME/awpcn.onnx)")
     ap.add_argument("--opset", type=int, default=17, help="ONNX opset version")
     ap.add_argument("--batch", type=_batch, default="dynamic", help="'dynamic' batch size or a fixed N")

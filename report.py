@@ -30,7 +30,7 @@ from PIL import Image
 
 import datasets
 import evaluate
-from utils import (DEFAULT_RUN, FEATURES_FILE, UserError, atomic_write_text, cli, load_features, load_yaml,
+from utils import (FEATURES_FILE, UserError, add_run_arguments, atomic_write_text, cli, load_features, load_yaml,
                    same_dataset)
 
 REPORT_FILE = "report.html"
@@ -520,8 +520,7 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Write RUN/report.html from the features test.py saved.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--name", default=DEFAULT_RUN, help="run name (folder under --runs_dir)")
-    ap.add_argument("--runs_dir", default="model")
+    add_run_arguments(ap, which=None)
     ap.add_argument("--weighting", default=None, choices=["adaptive", "uniform"],
                     help="weights the failure lists rank with (default: the run's); both are always evaluated")
     ap.add_argument("--ap", default="official", choices=list(evaluate.AP_FORMULAS),

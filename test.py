@@ -25,16 +25,14 @@ import report
 # find_run / load_model live in inference.py (shared with inference.Extractor); test.load_model stays importable.
 from inference import embed_batch, find_run, fuse_for_inference, load_model  # noqa: F401
 from model import AWPCN
-from utils import (DEFAULT_RUN, UserError, atomic_write_text, cli, same_dataset, save_features,
+from utils import (UserError, add_run_arguments, atomic_write_text, cli, same_dataset, save_features,
                    save_figure, select_device)
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Evaluate an AWPCN run on its dataset's query/gallery.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--name", default=DEFAULT_RUN, help="run name (folder under --runs_dir); train.py's default")
-    ap.add_argument("--runs_dir", default="model")
+    add_run_arguments(ap)
     ap.add_argument("--data_dir", default=None, help="dataset (default: the one the run was trained on)")
-    ap.add_argument("--which", default="last", help="checkpoint: last, epoch_NNN or interrupted")
     ap.add_argument("--weighting", default=None, choices=["adaptive", "uniform"],
                     help="part weights at test (default: the run's); uniform on an adaptive run = PCB ablation")
     ap.add_argument("--ap", default="official", choices=["official", "standard"],

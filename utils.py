@@ -34,6 +34,15 @@ class UserError(Exception):
     """
 
 
+def add_run_arguments(ap, which: str | None = "checkpoint: last, epoch_NNN or interrupted") -> None:
+    """--name and --runs_dir of a finished run, as train.py names it, and ``--which`` (the
+    checkpoint, with this help) unless ``which`` is None."""
+    ap.add_argument("--name", default=DEFAULT_RUN, help="run name (folder under --runs_dir); train.py's default")
+    ap.add_argument("--runs_dir", default="model", help="folder holding run folders")
+    if which:
+        ap.add_argument("--which", default="last", help=which)
+
+
 def cli(main: Callable[..., Any]) -> Callable[..., int]:
     """Wrap an entry point's ``main`` so a :class:`UserError` becomes one line on stderr."""
 
