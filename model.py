@@ -50,6 +50,11 @@ MODEL_KEYS = ("backbone", "parts", "embed_dim", "weighting", "head", "temperatur
               "dropout", "last_stride", "num_classes")
 
 
+def visibility_to_weights(v: torch.Tensor) -> torch.Tensor:
+    """v (N, P) predicted visible fraction of each stripe -> part weights (N, P), rows summing to 1."""
+    return v / v.sum(1, keepdim=True).clamp_min(1e-6)
+
+
 def _imagenet_state_dict(name: str) -> dict:
     """ImageNet weights through torchvision's weights API, with an offline-friendly error."""
     builder, enum_name, _ = BACKBONES[name]
@@ -225,12 +230,12 @@ class AWPCN(nn.Module):
         if self.spatial:
             m = torch.sigmoid(vis_logits / self.temperature).unsqueeze(1)      # (N, 1, h, w)
             v = F.adaptive_avg_pool2d(m, (self.parts, 1)).flatten(1)          # (N, P)
-            return v / v.sum(1, keepdim=True).clamp_min(1e-6), None
+            return visibility_to_weights(v), None
         scores = self.scorer(emb).squeeze(-1) + self.part_bias   # (N, P)
         if self.head == "softmax":
             return torch.softmax(scores / self.temperature, dim=1), scores
         v = torch.sigmoid(scores / self.temperature)
-        return v / v.sum(1, keepdim=True).clamp_min(1e-6), scores
+        return visibility_to_weights(v), scores
 
     def predict_visibility(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """x (N,3,H,W) -> (the head's predicted visible fraction of each stripe (N, P) in [0, 1],

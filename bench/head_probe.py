@@ -44,6 +44,7 @@ import datasets  # noqa: E402
 import train  # noqa: E402
 from inference import load_model  # noqa: E402
 from losses import cell_visibility, stripe_visibility  # noqa: E402
+from model import visibility_to_weights  # noqa: E402
 from utils import UserError, atomic_write_text, cli, save_checkpoint, seed_everything  # noqa: E402
 
 
@@ -93,7 +94,7 @@ def score(head, maps: torch.Tensor, vis: torch.Tensor, parts: int) -> dict:
         m = torch.sigmoid(torch.cat([head(x.float()) for x in maps.split(256)]))          # (N,1,h,w)
     pred = F.adaptive_avg_pool2d(m, (parts, 1)).flatten(1)                                # (N,P)
     true = stripe_visibility(vis.float(), parts, tuple(maps.shape[2:]))
-    wp = pred / pred.sum(1, keepdim=True).clamp_min(1e-6) * parts
+    wp = visibility_to_weights(pred) * parts
     w = _bench().weight_summary(wp, 1 - true, (true < 1).any(1))
     return {"vis_mae": float((pred - true).abs().mean()), "w_occluded_stripes": w["occluded_stripes"],
             "w_visible_stripes_of_occluded": w["visible_stripes_of_occluded_images"]}
