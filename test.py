@@ -115,9 +115,6 @@ def compute_features(args: argparse.Namespace) -> tuple[Path, dict, dict, float]
     (run folder, its options, the features dict that features.pt holds, extraction seconds)."""
     run_dir = find_run(args.runs_dir, args.name)
     model, opts, ckpt = load_model(run_dir, args.which)
-    device = select_device(args.device)
-    # Folded conv+BN and channels_last: 1.7x the plain PCB extraction (bench/extract_speed.py).
-    model = fuse_for_inference(model.to(device))
     if args.split == "val":
         if args.report:
             raise UserError("--report describes the test split; drop --split val (or --report)")
@@ -133,21 +130,33 @@ def compute_features(args: argparse.Namespace) -> tuple[Path, dict, dict, float]
                                      need=("query", "gallery"))
     if args.rerank:  # before extraction: a refusal after it would cost the plain result too
         evaluate.check_rerank_size(len(data.query), len(data.gallery))
-    kw = dict(device=device, batchsize=args.batchsize, workers=args.workers, flip=not args.no_flip,
-              amp=args.amp, channels_last=True)
+    features, t_extract = features_of(model, opts, data, device=select_device(args.device),
+                                      batchsize=args.batchsize, workers=args.workers, flip=not args.no_flip,
+                                      amp=args.amp)
+    features.update({"run": args.name, "checkpoint": args.which, "epoch": int(ckpt.get("epoch", 0))})
+    return run_dir, opts, features, t_extract
+
+
+def features_of(model: AWPCN, opts: dict, data, *, device, batchsize: int = 128, workers: int = 2,
+                flip: bool = True, amp: bool = False) -> tuple[dict, float]:
+    """Query and gallery features of an in-memory model on ``data`` (a datasets.Dataset), in
+    the layout features.pt holds (without the run's name, checkpoint and epoch), and the
+    extraction seconds. ``model`` is left as it is (a folded copy extracts)."""
+    # Folded conv+BN and channels_last: 1.7x the plain PCB extraction (bench/extract_speed.py).
+    model = fuse_for_inference(model.to(device))
+    kw = dict(device=device, batchsize=batchsize, workers=workers, flip=flip, amp=amp, channels_last=True)
     t0 = time.perf_counter()
     qf, qw = extract(model, data.query, opts["height"], opts["width"], desc="query", **kw)
     gf, gw = extract(model, data.gallery, opts["height"], opts["width"], desc="gallery", **kw)
     t_extract = time.perf_counter() - t0
     features = {
-        "run": args.name, "checkpoint": args.which, "epoch": int(ckpt.get("epoch", 0)),
         "data_root": str(data.root), "parts": int(opts["parts"]), "weighting": opts.get("weighting", "adaptive"),
         "query": {"emb": qf, "weights": qw, "pids": torch.tensor([p for _, p, _ in data.query]),
                   "cams": torch.tensor([c for _, _, c in data.query]), "paths": [p for p, _, _ in data.query]},
         "gallery": {"emb": gf, "weights": gw, "pids": torch.tensor([p for _, p, _ in data.gallery]),
                     "cams": torch.tensor([c for _, _, c in data.gallery]), "paths": [p for p, _, _ in data.gallery]},
     }
-    return run_dir, opts, features, t_extract
+    return features, t_extract
 
 
 def run_test(args: argparse.Namespace) -> dict:

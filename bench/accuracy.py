@@ -36,8 +36,7 @@ import torch  # noqa: E402
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from utils import (UserError, atomic_write_text, cli, load_checkpoint, load_features, load_yaml,  # noqa: E402
-                   save_figure)
+from utils import UserError, atomic_write_text, cli, load_checkpoint, load_yaml, save_figure  # noqa: E402
 
 VARIANTS = {
     "global": ["--parts", "1", "--weighting", "uniform"],
@@ -224,11 +223,13 @@ def _finished_history(run_dir: Path, opts: dict) -> list | None:
     return ckpt["history"] if int(ckpt["epoch"]) == int(opts["epochs"]) else None
 
 
-def _test(test_mod, name: str, runs_dir: Path, workers: int, *extra: str) -> dict:
+def _test(test_mod, name: str, runs_dir: Path, workers: int, *extra: str) -> tuple[dict, dict]:
+    """test.py on the run (the learned weighting): its metrics, and the features they came
+    from, so that other weightings are evaluated without extracting again."""
     args = test_mod.build_parser().parse_args(["--name", name, "--runs_dir", str(runs_dir),
                                                "--workers", str(workers), *extra])
-    res = test_mod.run_test(args)["plain"]
-    return {m: float(res[m]) for m in METRICS}
+    out = test_mod.run_test(args)
+    return {m: float(out["plain"][m]) for m in METRICS}, out["features"]
 
 
 def _bench_done(rec: dict | None, opts: dict) -> bool:
@@ -274,10 +275,10 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
             record["vis_mae"] = [round(h["vis_mae"], 4) for h in hist]
     adaptive = variant == "awpcn"
     if opts["val_ids"] and "val" not in record:
-        record["val"] = _test(test_mod, name, runs_dir, args.workers, "--split", "val")
+        record["val"], feats = _test(test_mod, name, runs_dir, args.workers, "--split", "val")
         if adaptive:
-            record["val_uniform"] = _test(test_mod, name, runs_dir, args.workers, "--split", "val",
-                                          "--weighting", "uniform")
+            # The part embeddings do not depend on the weighting: only the weights are replaced.
+            record["val_uniform"] = metrics_from_features(feats, "uniform")
     if args.val_occluded and not _bench_done(record.get("val_occ"), opts):
         feats = _test_features(test_mod, name, runs_dir, args.workers, args.val_occluded)
         record["val_occ"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.val_occluded), opts,
@@ -289,10 +290,7 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
                                                   str(args.occluded),
                                                   originals_of(feats, args.occluded, runs_dir / name))
     if (args.final or not opts["val_ids"]) and "learned" not in record:
-        # One extraction per split: the uniform-at-test ablation reuses the saved features (the
-        # part embeddings do not depend on the weighting; only the weights are replaced).
-        record["learned"] = _test(test_mod, name, runs_dir, args.workers)
-        feats = load_features(runs_dir / name)
+        record["learned"], feats = _test(test_mod, name, runs_dir, args.workers)
         if adaptive:
             record["uniform_at_test"] = metrics_from_features(feats, "uniform")
         truth = datasets.occlusion_truth(feats["data_root"])

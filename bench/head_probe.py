@@ -28,7 +28,6 @@ import copy
 import functools
 import importlib.util
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import train  # noqa: E402
 from inference import load_model  # noqa: E402
 from losses import cell_visibility, stripe_visibility  # noqa: E402
 from model import visibility_to_weights  # noqa: E402
-from utils import UserError, atomic_write_text, cli, save_checkpoint, seed_everything  # noqa: E402
+from utils import UserError, atomic_write_text, cli, seed_everything  # noqa: E402
 
 
 @functools.cache
@@ -117,26 +116,19 @@ def fit(head, maps, vis, *, epochs: int, lr: float, batch: int = 256, seed: int 
     return head
 
 
-def ranked_with_head(model, opts: dict, ckpt: dict, run_dir: Path, head, occluded: str, out: Path) -> dict:
+def ranked_with_head(model, opts: dict, head, occluded: str) -> dict:
     """The occlusion benchmark with the fine-tuned linear head in place of the run's own."""
     bench = _bench()
     model = copy.deepcopy(model)
     model.vis_conv.load_state_dict(head.state_dict())
-    runs = out / "runs"
-    name = f"{run_dir.name}_probe_head"
-    if (runs / name).exists():
-        shutil.rmtree(runs / name)
-    (runs / name).mkdir(parents=True)
-    shutil.copy(run_dir / "opts.yaml", runs / name / "opts.yaml")
-    save_checkpoint({**{k: v for k, v in ckpt.items() if k != "format"}, "model": model.state_dict()},
-                    runs / name / "last.pt")
-    feats = bench._test_features(bench._test_module(), name, runs, 0, occluded)
+    data = datasets.load_dataset(occluded, need=("query", "gallery"))
+    feats = bench._test_module().features_of(model, opts, data, device=torch.device("cpu"), workers=0)[0]
     return bench.occlusion_benchmark(feats, datasets.occlusion_truth(occluded), opts, occluded)
 
 
 def run(args) -> dict:
     run_dir = Path(args.run)
-    model, opts, ckpt = load_model(run_dir)
+    model, opts, _ = load_model(run_dir)
     if not model.spatial:
         raise UserError(f"{run_dir}: a {opts['weighting']}/{opts.get('head')} run; this diagnostic needs the "
                         "spatial head (--weighting adaptive --head spatial)")
@@ -165,8 +157,7 @@ def run(args) -> dict:
         fit(head, maps, vis, epochs=args.epochs, lr=args.lr, seed=args.seed, on_epoch=on_epoch)
         result["heads"][kind] = curve
         if kind == "linear" and args.occluded:
-            result["linear_on_benchmark"] = ranked_with_head(model, opts, ckpt, run_dir, head, args.occluded,
-                                                             Path(args.out))
+            result["linear_on_benchmark"] = ranked_with_head(model, opts, head, args.occluded)
     return result
 
 

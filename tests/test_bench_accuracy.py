@@ -57,6 +57,24 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     assert "no finished run made with preset 'cpu' and train.py flags []" in capsys.readouterr().err
 
 
+def test_validation_uniform_weighting_reuses_the_learned_runs_features(synthetic_dir, tmp_path):
+    # val_uniform is computed from the features the learned evaluation extracted: it must be
+    # what test.py --split val --weighting uniform reports after extracting on its own (the
+    # same split, the same images; features of any other set would not match).
+    bench = _bench()
+    out = tmp_path / "out"
+    assert bench.main(["--data_dir", str(synthetic_dir), "--out", str(out), "--workers", "0", "--seeds", "0",
+                       "--variants", "awpcn", "--", "--epochs", "1", "--height", "64", "--width", "32",
+                       "--batchsize", "8", "--instances", "2", "--workers", "0", "--embed_dim", "16",
+                       "--val_ids", "0.3"]) == 0
+    record = json.loads((out / "runs" / "awpcn_s0" / "bench.json").read_text())
+    test_mod = bench._test_module()
+    args = test_mod.build_parser().parse_args(["--name", "awpcn_s0", "--runs_dir", str(out / "runs"), "--workers",
+                                               "0", "--split", "val", "--weighting", "uniform"])
+    alone = test_mod.run_test(args)["plain"]
+    assert record["val_uniform"] == pytest.approx({m: float(alone[m]) for m in bench.METRICS}, abs=1e-6)
+
+
 def test_a_finished_run_matches_its_flags_in_any_order_or_spelling(tmp_path):
     bench = _bench()
     record = {"variant": "awpcn", "preset": "cpu", "train_args": ["--epochs", "12", "--lr", "0.1", "--head", "spatial"]}
@@ -192,3 +210,37 @@ def test_head_probe_scores_a_perfect_head_on_a_hand_built_case():
     torch.nn.init.constant_(head.bias, 20.0)
     s = probe.score(head, maps, vis, parts=6)
     assert abs(s["vis_mae"] - 0.25) < 1e-6 and abs(s["w_occluded_stripes"] - 1.0) < 1e-6
+
+
+def test_head_probe_ranks_the_benchmark_with_the_given_head_and_leaves_the_model_alone(synthetic_dir, tmp_path):
+    import torch
+
+    import occluders
+    import train
+    from model import AWPCN
+
+    spec = importlib.util.spec_from_file_location("head_probe", REPO / "bench" / "head_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    occluded = tmp_path / "occ"
+    occluders.make_occluded(synthetic_dir, occluded, fraction=0.5, seed=0, log=lambda *_: None)
+    opts = train.parse_opts(["--data_dir", str(synthetic_dir), "--backbone", "resnet18", "--pretrained", "none",
+                             "--height", "64", "--width", "32", "--head", "spatial", "--embed_dim", "16"])
+    torch.manual_seed(0)
+    model = AWPCN(5, backbone="resnet18", embed_dim=16, head="spatial", pretrained="none").eval()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    # A head that calls every location equally visible: the benchmark must see uniform weights.
+    flat = probe.make_head("linear", model)
+    torch.nn.init.zeros_(flat.weight)
+    torch.nn.init.constant_(flat.bias, 3.0)
+    rec = probe.ranked_with_head(model, opts, flat, str(occluded))
+    assert rec["weights"]["clean_mean_abs_deviation"] < 1e-6
+    assert abs(rec["weights"]["occluded_stripes"] - 1.0) < 1e-6
+    for part in ("occluded", "clean"):
+        assert rec["learned"][part]["mAP"] == pytest.approx(rec["uniform_at_test"][part]["mAP"], abs=1e-4)
+    # A head with random weights does not (the model's own starts flat too): the given head is used.
+    noisy = probe.make_head("linear", model)
+    torch.nn.init.normal_(noisy.weight, std=1.0)
+    torch.nn.init.zeros_(noisy.bias)
+    assert probe.ranked_with_head(model, opts, noisy, str(occluded))["weights"]["clean_mean_abs_deviation"] > 0.05
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
