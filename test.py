@@ -141,7 +141,8 @@ def features_of(model: AWPCN, opts: dict, data, *, device, batchsize: int = 128,
                 flip: bool = True, amp: bool = False) -> tuple[dict, float]:
     """Query and gallery features of an in-memory model on ``data`` (a datasets.Dataset), in
     the layout features.pt holds (without the run's name, checkpoint and epoch), and the
-    extraction seconds. ``model`` is left as it is (a folded copy extracts)."""
+    extraction seconds. ``model`` is moved to ``device``, its weights left as they are (a folded
+    copy extracts)."""
     # Folded conv+BN and channels_last: 1.7x the plain PCB extraction (bench/extract_speed.py).
     model = fuse_for_inference(model.to(device))
     kw = dict(device=device, batchsize=batchsize, workers=workers, flip=flip, amp=amp, channels_last=True)
