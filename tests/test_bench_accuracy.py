@@ -11,20 +11,31 @@ from utils import save_yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+# A training run as small as bench/accuracy.py can make: train.py flags after "--".
+TINY = ["--", "--epochs", "1", "--height", "64", "--width", "32", "--batchsize", "8",
+        "--instances", "2", "--workers", "0", "--embed_dim", "16"]
+
+
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return _load("bench_accuracy", "accuracy.py")
+
+
+def _probe():
+    return _load("head_probe", "head_probe.py")
 
 
 def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     bench = _bench()
     out = tmp_path / "out"
     base = ["--data_dir", str(synthetic_dir), "--out", str(out), "--workers", "0"]
-    tiny = ["--", "--epochs", "1", "--height", "64", "--width", "32", "--batchsize", "8",
-            "--instances", "2", "--workers", "0", "--embed_dim", "16"]
-    rc = bench.main([*base, "--seeds", "0", *tiny])
+    rc = bench.main([*base, "--seeds", "0", *TINY])
     assert rc == 0
     table = (out / "results.md").read_text()
     for row in ("global (P=1)", "PCB (P=6, uniform)", "AWPCN (P=6, adaptive)", "uniform weights at test",
@@ -37,7 +48,7 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second call reuses the finished runs instead of training again...
     before = (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns
-    assert bench.main([*base, "--seeds", "0", "--variants", "pcb", *tiny]) == 0
+    assert bench.main([*base, "--seeds", "0", "--variants", "pcb", *TINY]) == 0
     assert (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns == before
     # Features on another set (an occlusion benchmark) leave the run's own test results alone.
     run = out / "runs" / "pcb_s0"
@@ -51,7 +62,7 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     assert "pcb_s0/bench.json: this run was made with preset 'cpu' and train.py flags" in capsys.readouterr().err
     # and --report tabulates every finished run without training.
     (out / "results.md").unlink()
-    assert bench.main([*base, "--report", *tiny]) == 0
+    assert bench.main([*base, "--report", *TINY]) == 0
     assert "| PCB (P=6, uniform) | 0 |" in (out / "results.md").read_text()
     assert bench.main([*base, "--report"]) == 2
     assert "no finished run made with preset 'cpu' and train.py flags []" in capsys.readouterr().err
@@ -64,9 +75,7 @@ def test_validation_uniform_weighting_reuses_the_learned_runs_features(synthetic
     bench = _bench()
     out = tmp_path / "out"
     assert bench.main(["--data_dir", str(synthetic_dir), "--out", str(out), "--workers", "0", "--seeds", "0",
-                       "--variants", "awpcn", "--", "--epochs", "1", "--height", "64", "--width", "32",
-                       "--batchsize", "8", "--instances", "2", "--workers", "0", "--embed_dim", "16",
-                       "--val_ids", "0.3"]) == 0
+                       "--variants", "awpcn", *TINY, "--val_ids", "0.3"]) == 0
     record = json.loads((out / "runs" / "awpcn_s0" / "bench.json").read_text())
     test_mod = bench._test_module()
     args = test_mod.build_parser().parse_args(["--name", "awpcn_s0", "--runs_dir", str(out / "runs"), "--workers",
@@ -188,9 +197,7 @@ def test_occlusion_benchmark_oracle_and_clean_spread_on_a_hand_built_case():
 def test_head_probe_scores_a_perfect_head_on_a_hand_built_case():
     import torch
 
-    spec = importlib.util.spec_from_file_location("head_probe", REPO / "bench" / "head_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _probe()
     # Two images, a 6x1 trunk map whose one channel is +20 where visible and -20 where hidden;
     # the head is the identity, so it predicts visibility exactly. Image 0 has its lower half
     # hidden, image 1 is clean.
@@ -217,17 +224,15 @@ def test_head_probe_ranks_the_benchmark_with_the_given_head_and_leaves_the_model
 
     import occluders
     import train
-    from model import AWPCN
+    from model import build_model
 
-    spec = importlib.util.spec_from_file_location("head_probe", REPO / "bench" / "head_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _probe()
     occluded = tmp_path / "occ"
     occluders.make_occluded(synthetic_dir, occluded, fraction=0.5, seed=0, log=lambda *_: None)
     opts = train.parse_opts(["--data_dir", str(synthetic_dir), "--backbone", "resnet18", "--pretrained", "none",
                              "--height", "64", "--width", "32", "--head", "spatial", "--embed_dim", "16"])
     torch.manual_seed(0)
-    model = AWPCN(5, backbone="resnet18", embed_dim=16, head="spatial", pretrained="none").eval()
+    model = build_model({**opts, "num_classes": 5}).eval()
     own = {k: v.clone() for k, v in model.state_dict().items()}
     # A head that calls every location equally visible: the benchmark must see uniform weights.
     flat = probe.make_head("linear", model)
