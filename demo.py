@@ -6,14 +6,17 @@
 --query_index: a query of the run's test set; reads model/RUN/features.pt (written by
 test.py) and saves model/RUN/show.png. Green border: same identity; red: different.
 --query/--gallery: your own images (any names, any depth under DIR; search.py): prints the
-ranked list with distances and saves model/RUN/search.png, without borders (identities
-unknown); gallery features are cached in model/RUN/search_cache/.
+ranked list with distances and saves model/RUN/search_<query name>_<hash>.png (one file per
+query image, so concurrent searches do not overwrite each other's), without borders
+(identities unknown); gallery features are cached in model/RUN/search_cache/.
 Under each image: its distance to the query. Beside each image: a strip of its P part
 weights, one cell per stripe, darker = trusted more (numbers in the cells).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -86,6 +89,14 @@ def draw(feats: dict, index: int, order, dists, path: Path) -> None:
     plt.close(fig)
 
 
+def search_figure_name(query) -> str:
+    """search_<stem>_<hash of the query's full path>.png: readable, and distinct for two queries
+    that share a name in different folders."""
+    path = Path(query).expanduser().resolve()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._")[:40] or "query"
+    return f"search_{stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}.png"
+
+
 def run_search(args: argparse.Namespace) -> Path:
     """--query IMAGE --gallery DIR: rank the user's own images, print the list, draw it."""
     import search
@@ -95,6 +106,8 @@ def run_search(args: argparse.Namespace) -> Path:
         raise UserError("search your own images with --query IMAGE --gallery DIR together, without --query_index")
     if args.topk < 1:
         raise UserError(f"--topk {args.topk}: must be at least 1")
+    if args.batchsize < 1:
+        raise UserError(f"--batchsize {args.batchsize}: must be at least 1")
     run_dir = find_run(args.runs_dir, args.name)
     ext = Extractor.from_run(run_dir, args.which, device=args.device, batch_size=args.batchsize)
     weighting = args.weighting or ext.weighting
@@ -111,7 +124,7 @@ def run_search(args: argparse.Namespace) -> Path:
     feats = {"run": args.name, "gallery_dir": args.gallery,
              "query": {"paths": [res["query"]], "weights": res["query_weights"], "pids": None},
              "gallery": {"paths": res["paths"], "weights": res["weights"], "pids": None}}
-    out = run_dir / "search.png"
+    out = run_dir / search_figure_name(args.query)
     draw(feats, 0, res["order"], res["dists"], out)
     print(f"saved {out}")
     return out

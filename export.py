@@ -243,18 +243,55 @@ def verify(sess, ext: Extractor, batch, real: tuple[torch.Tensor, torch.Tensor],
             "emb_scale": float(outs[-1][2][0].abs().max())}
 
 
+def claim_destination(out: Path) -> tuple[Path, list[Path]]:
+    """Check that ``out`` can be written before minutes of exporting, and create the empty
+    temp file beside it that the export fills. Returns (temp file, folders created for it,
+    deepest first, to remove again if the export fails). A folder, a path under a file, a
+    read-only or unwritable place is a one-line UserError and nothing is created."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file path, e.g. --out {out / 'awpcn.onnx'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+            break
+    made = [p for p in out.parents if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the folder {out.parent} ({exc.strerror or exc}); "
+                        "choose another --out") from None
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    except OSError as exc:
+        _remove_quietly(tmp, made)
+        raise UserError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc}); "
+                        "choose another --out") from None
+    return tmp, made
+
+
+def _remove_quietly(tmp: Path, made: list[Path]) -> None:
+    """Undo claim_destination. Its own errors are swallowed: on a read-only filesystem the
+    unlink fails too, and that must not hide the error that brought us here."""
+    for path in [tmp, *made]:
+        try:
+            path.rmdir() if path != tmp else path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def run_export(args: argparse.Namespace) -> Path:
     onnx, ort = require_onnx()
     run_dir = find_run(args.runs_dir, args.name)
     model, opts, ckpt = load_model(run_dir, args.which)
     height, width = int(opts["height"]), int(opts["width"])
     out = Path(args.out) if args.out else run_dir / "awpcn.onnx"
-    out.parent.mkdir(parents=True, exist_ok=True)
     flip = not args.no_flip
     ext = Extractor(model, height, width, device="cpu", flip=flip)
     net = onnx_net(model, flip)
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp, made = claim_destination(out)
     try:
         try:
             export_onnx(net, tmp, height, width, opset=args.opset, batch=args.batch)
@@ -282,7 +319,7 @@ def run_export(args: argparse.Namespace) -> Path:
         res = verify(sess, ext, args.batch, (q, gal))
         del sess
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp, made)
         raise
 
     sizes = ", ".join(map(str, res["sizes"]))
@@ -298,10 +335,15 @@ def run_export(args: argparse.Namespace) -> Path:
         + [f"max |Δweights| {res['weights']:.2e} > {TOL:g}"] * (res["weights"] > TOL) \
         + ["the gallery ranking differs"] * (not res["ranking_same"])
     if failed:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp, made)
         raise UserError(f"{out}: the exported graph does not match PyTorch ({'; '.join(failed)}); file deleted. "
                         f"{report}")
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:      # out turned into a folder, or the place went away, while we exported
+        _remove_quietly(tmp, made)
+        raise UserError(f"--out {out}: cannot put the verified graph there ({exc.strerror or exc}); "
+                        "nothing written, choose another --out") from None
     batch = "dynamic batch" if args.batch == "dynamic" else f"fixed batch {args.batch}"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; opset {args.opset}, {batch}; input images float32 "
           f"(N,3,{height},{width}) RGB in [0,1], normalised inside; outputs emb (N,{opts['parts']},"

@@ -34,10 +34,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import datasets
 import evaluate
-from model import AWPCN, MODEL_KEYS, build_model
+from model import AWPCN, BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, build_model
 from utils import UserError, load_checkpoint, load_yaml, select_device
 
-__all__ = ["fuse_for_inference", "fuse_conv_bn_pairs", "find_run", "load_model", "embed_batch", "Extractor"]
+__all__ = ["fuse_for_inference", "fuse_conv_bn_pairs", "find_run", "check_options", "load_options", "load_model",
+           "embed_batch", "Extractor"]
 
 
 def _pairs_in(module: nn.Module):
@@ -105,6 +106,14 @@ def fuse_for_inference(model: nn.Module, *, channels_last: bool = True, inplace:
 
 
 # --------------------------------------------------------------------------- runs
+def file_stamp(path: str | os.PathLike, st: os.stat_result | None = None) -> list[int]:
+    """What tells a file's content changed without reading it: size, mtime, and the inode and
+    ctime, which ``touch -r`` / ``cp -p`` cannot set back (a same-size replacement with its
+    mtime restored keeps size and mtime). ``st``: a stat already taken."""
+    st = st or os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
 def find_run(runs_dir: str | os.PathLike, name: str) -> Path:
     """``runs_dir/name`` if it holds a trained run (an opts.yaml); else a UserError listing the runs there."""
     run_dir = Path(runs_dir) / name
@@ -116,10 +125,76 @@ def find_run(runs_dir: str | os.PathLike, name: str) -> Path:
     return run_dir
 
 
+# What defines the network and its input: a checkpoint only reproduces its numbers under
+# these, so opts.yaml must say what the checkpoint was trained with.
+RUN_KEYS = MODEL_KEYS + ("height", "width")
+# Without these no tool can rebuild the model, whatever the checkpoint stores.
+REQUIRED_KEYS = ("backbone", "parts", "num_classes", "height", "width")
+_INT, _NUMBER, _STR = "an integer", "a number", "a string"
+OPTION_TYPES = {"backbone": _STR, "parts": _INT, "embed_dim": _INT, "weighting": _STR, "head": _STR,
+                "temperature": _NUMBER, "dropout": _NUMBER, "last_stride": _INT, "num_classes": _INT,
+                "height": _INT, "width": _INT, "data_root": _STR, "data_dir": _STR, "val_ids": _NUMBER}
+OPTION_CHOICES = {"backbone": tuple(BACKBONES), "weighting": WEIGHTINGS, "head": HEADS, "last_stride": (1, 2)}
+
+
+def _type_ok(value, kind: str) -> bool:
+    if isinstance(value, bool):       # YAML's yes/no: a bool is an int to Python, never a size
+        return False
+    return isinstance(value, {_INT: int, _NUMBER: (int, float), _STR: str}[kind])
+
+
+def check_options(opts: dict, path: Path, stored: dict | None = None, ckpt_name: str = "the checkpoint") -> None:
+    """Refuse an opts.yaml (at ``path``) that lacks a key, holds a value of the wrong type or
+    choice, or disagrees with ``stored`` (the options saved inside the checkpoint) on a key of
+    :data:`RUN_KEYS`. Every message names opts.yaml, the key, both values and the fix."""
+    stored = stored if isinstance(stored, dict) else {}
+
+    def fix(key):
+        if key in stored:
+            return f"set it back to `{key}: {stored[key]!r}` ({ckpt_name} was trained with that)"
+        return "restore the opts.yaml train.py wrote, or retrain the run"
+
+    for key in REQUIRED_KEYS + tuple(k for k in RUN_KEYS if k in stored):
+        if key not in opts:
+            raise UserError(f"{path}: no {key!r} key; {fix(key)}")
+    for key, kind in OPTION_TYPES.items():
+        if key not in opts or (opts[key] is None and key in ("data_root", "data_dir", "val_ids")):
+            continue
+        value = opts[key]
+        if not _type_ok(value, kind):
+            raise UserError(f"{path}: {key} is {value!r} ({type(value).__name__}), expected {kind}; {fix(key)}")
+        if key in OPTION_CHOICES and value not in OPTION_CHOICES[key]:
+            raise UserError(f"{path}: {key} is {value!r}, expected one of "
+                            f"{', '.join(map(str, OPTION_CHOICES[key]))}; {fix(key)}")
+    for key in ("parts", "embed_dim", "num_classes", "height", "width"):
+        if key in opts and opts[key] < 1:
+            raise UserError(f"{path}: {key} is {opts[key]!r}, expected at least 1; {fix(key)}")
+    differs = [key for key in RUN_KEYS if key in stored and stored[key] != opts[key]]
+    if differs:
+        raise UserError(f"{path} disagrees with {ckpt_name} (hand-edited, or copied from another run?): "
+                        + "; ".join(f"{k} is {opts[k]!r} in opts.yaml but {stored[k]!r} in the checkpoint"
+                                    for k in differs)
+                        + ". Set opts.yaml back to the checkpoint's values (a run's size and model are fixed "
+                          "once trained; train a new run for others)")
+
+
+def load_options(run_dir: str | os.PathLike, which: str = "last") -> tuple[dict, dict]:
+    """(opts, checkpoint) of a run, opts.yaml checked against the checkpoint (:func:`check_options`)."""
+    opts_path = Path(run_dir) / "opts.yaml"
+    opts = load_yaml(opts_path)
+    ckpt = load_checkpoint(Path(run_dir) / f"{which}.pt")
+    check_options(opts, opts_path, ckpt.get("opts"), f"{which}.pt")
+    return opts, ckpt
+
+
 def load_model(run_dir: Path, which: str = "last") -> tuple[AWPCN, dict, dict]:
-    """Rebuild the run's model from opts.yaml and load a checkpoint. Returns (model, opts, ckpt)."""
-    opts = load_yaml(run_dir / "opts.yaml")
-    ckpt = load_checkpoint(run_dir / f"{which}.pt")
+    """Rebuild the run's model from opts.yaml and load a checkpoint. Returns (model, opts, ckpt).
+
+    Every tool loads a run here, so an opts.yaml that does not describe the checkpoint (see
+    :func:`check_options`) is refused by all of them alike.
+    """
+    opts, ckpt = load_options(run_dir, which)
+    opts_path = Path(run_dir) / "opts.yaml"
     model = build_model(opts, pretrained="none", weights="")
     state = ckpt.get("model") or {}
     own = model.state_dict()
@@ -128,12 +203,8 @@ def load_model(run_dir: Path, which: str = "last") -> tuple[AWPCN, dict, dict]:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if diffs or missing or unexpected:
-        stored = ckpt.get("opts") or {}
-        differs = [f"{k} {stored[k]!r} (opts.yaml says {opts.get(k)!r})" for k in MODEL_KEYS
-                   if k in stored and stored[k] != opts.get(k)]
         raise UserError(
-            f"{run_dir / (which + '.pt')} does not fit the model described by {run_dir / 'opts.yaml'}: "
-            + ("; ".join(differs) + "; " if differs else "")
+            f"{run_dir / (which + '.pt')} does not fit the model described by {opts_path}: "
             + "; ".join(diffs[:3] + [f"{len(missing)} missing keys {missing[:2]}"] * bool(missing)
                         + [f"{len(unexpected)} unexpected keys {unexpected[:2]}"] * bool(unexpected)))
     model.load_state_dict(state)
@@ -160,6 +231,9 @@ def embed_batch(model: nn.Module, img: torch.Tensor, *, flip: bool = True, chann
     if flip:
         emb, w = (emb[:n] + emb[n:]) / 2, (w[:n] + w[n:]) / 2
     return emb, w
+
+
+_EMPTY = "an image of height or width 0 has no pixels to embed; drop empty crops before extracting"
 
 
 def _describe(x) -> str:
@@ -213,21 +287,23 @@ class Extractor:
         model, opts, ckpt = load_model(run_dir, which)
         ident = {"run": str(run_dir.resolve()), "which": which, "epoch": int(ckpt.get("epoch", 0))}
         for key, path in (("checkpoint", run_dir / f"{which}.pt"), ("opts", run_dir / "opts.yaml")):
-            st = path.stat()
-            ident[key] = [st.st_size, st.st_mtime_ns]
+            ident[key] = file_stamp(path)
         ext = cls(model, opts["height"], opts["width"], device=device, flip=flip, batch_size=batch_size,
                   identity=ident)
         ext.run_dir, ext.which, ext.epoch, ext.opts = run_dir, which, ident["epoch"], opts
         return ext
 
     # ------------------------------------------------------------------ inputs
-    def _items(self, images, bgr: bool):
-        """-> ("tensor", (N,3,H,W) float tensor) or ("list", [item, ...]), types checked up front."""
+    def _items(self, images, bgr: bool, skip_bad: bool = False):
+        """-> ("tensor", (N,3,H,W) float tensor) or ("list", [item, ...]), types checked up front
+        (with ``skip_bad``, a missing path is left for the extraction to report as one bad item)."""
         if isinstance(images, torch.Tensor):
             x = images.unsqueeze(0) if images.dim() == 3 else images
             if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
                 raise UserError(f"images: {_describe(images)}; expected a float tensor (N,3,H,W) with values in "
                                 "[0, 1] (uint8 pixels: divide by 255, or pass HxWx3 numpy arrays)")
+            if x.shape[0] and 0 in x.shape[2:]:
+                raise UserError(f"images: {_describe(images)}: {_EMPTY}")
             if x.numel():
                 lo, hi = float(x.min()), float(x.max())
                 if not (0.0 <= lo and hi <= 1.0):   # also catches NaN
@@ -243,13 +319,18 @@ class Extractor:
                             "numpy arrays, or a float tensor (N,3,H,W) in [0, 1]")
         for i, item in enumerate(images):
             if isinstance(item, (str, os.PathLike)):
-                if not Path(item).is_file():
+                if not skip_bad and not Path(item).is_file():
                     raise UserError(f"images[{i}]: {item}: no such file")
             elif isinstance(item, np.ndarray):
-                if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3 or 0 in item.shape:
+                if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
                     raise UserError(f"images[{i}]: {_describe(item)}; expected HxWx3 uint8 (RGB, or BGR with "
                                     "bgr=True)")
-            elif not _is_pil(item):
+                if 0 in item.shape:
+                    raise UserError(f"images[{i}]: {_describe(item)}: {_EMPTY}")
+            elif _is_pil(item):
+                if 0 in item.size:
+                    raise UserError(f"images[{i}]: PIL image of size {item.size[0]}x{item.size[1]}: {_EMPTY}")
+            else:
                 raise UserError(f"images[{i}]: {_describe(item)}; expected a path, a PIL image or an HxWx3 "
                                 "uint8 numpy array")
         return "list", list(images)
@@ -257,6 +338,8 @@ class Extractor:
     def _item_tensor(self, i: int, item, bgr: bool) -> torch.Tensor:
         """One list item -> (3,H,W) normalised, as test.py's data loader makes it."""
         if isinstance(item, (str, os.PathLike)):
+            if not Path(item).is_file():
+                raise UserError(f"images[{i}]: {item}: no such file")
             img = datasets.load_image(item)
         elif isinstance(item, np.ndarray):
             from PIL import Image
@@ -295,7 +378,7 @@ class Extractor:
     def _extract(self, images, *, bgr, progress, desc, skip_bad):
         from tqdm import tqdm
 
-        kind, items = self._items(images, bgr)
+        kind, items = self._items(images, bgr, skip_bad)
         n = len(items)
         if progress is None:
             progress = sys.stderr.isatty() and n > self.batch_size
@@ -332,12 +415,18 @@ class Extractor:
         [0, 2], smaller = more alike. ``weighting="uniform"`` ranks with equal part weights
         (the PCB ablation of an adaptive run).
         """
+        if weighting not in WEIGHTINGS:
+            raise UserError(f"distance(weighting={weighting!r}): expected one of {', '.join(map(repr, WEIGHTINGS))}")
         for name, pair in (("a", a), ("b", b)):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2
                     and all(isinstance(t, torch.Tensor) for t in pair) and pair[0].dim() == 3
                     and pair[1].dim() == 2 and pair[0].shape[:2] == pair[1].shape):
                 raise UserError(f"distance({name}=...): expected the (emb (N,P,D), weights (N,P)) pair that "
                                 f"ext(images) returns, got {_describe(pair)}")
+        if a[0].shape[1:] != b[0].shape[1:]:
+            raise UserError(f"distance: a has emb of shape {tuple(a[0].shape)} and b {tuple(b[0].shape)}; the parts "
+                            "(P) and embedding size (D) must agree: compare features of the same run (this "
+                            f"extractor gives P={self.parts}, D={self.embed_dim})")
         qw, gw = evaluate.weights_for(weighting, a[1], b[1])
         return evaluate.weighted_distance(a[0], qw, b[0], gw)
 

@@ -30,6 +30,7 @@ from PIL import Image
 
 import datasets
 import evaluate
+from inference import check_options, load_options
 from utils import (FEATURES_FILE, UserError, add_run_arguments, atomic_write_text, cli, load_features, load_yaml,
                    same_dataset)
 
@@ -349,6 +350,20 @@ def query_rows(idx: list[int], feats: dict, weighting: str, per_query: evaluate.
 
 
 # --------------------------------------------------------------------------- the page
+def _run_options(run_dir: Path, which: str) -> dict:
+    """The run's opts.yaml for the header, held to the checkpoint's own options as every tool
+    holds it (inference.load_options); {} when there is none. Without the checkpoint (features
+    kept, checkpoints deleted) only its keys and types can be checked."""
+    path = run_dir / "opts.yaml"
+    if not path.is_file():
+        return {}
+    if (run_dir / f"{which}.pt").is_file():
+        return load_options(run_dir, which)[0]
+    opts = load_yaml(path)
+    check_options(opts, path)
+    return opts
+
+
 def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap: str = "official",
                  rerank: bool = False, out: str | os.PathLike | None = None,
                  known: dict | None = None) -> Path:
@@ -367,7 +382,7 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
                         f"--name {run_dir.name}")
     if ap not in evaluate.AP_FORMULAS:
         raise UserError(f"--ap {ap}: expected one of {', '.join(evaluate.AP_FORMULAS)}")
-    opts = load_yaml(run_dir / "opts.yaml") if (run_dir / "opts.yaml").is_file() else {}
+    opts = _run_options(run_dir, feats.get("checkpoint") or "last")
     q, g = feats["query"], feats["gallery"]
     run_weighting = feats.get("weighting", "adaptive")
     primary = weighting or run_weighting

@@ -4,9 +4,11 @@ The library behind ``demo.py --query IMAGE --gallery DIR``. Images under the fol
 any names (no pid or camera needed); every ``datasets.IMG_EXTS`` file under it, at any depth,
 is a gallery image. Gallery features are cached in ``RUN/search_cache/<key>.pt`` (key: the
 folder, the checkpoint name and the flip setting). The file records the checkpoint's and
-opts.yaml's size and modification time and each image's relative path, size and
-modification time: a changed checkpoint discards the whole cache, and a changed, added or
-removed image is re-extracted or dropped alone.
+opts.yaml's stamp and each image's relative path and stamp (``inference.file_stamp``: size,
+modification time, inode and status-change time, so a same-size replacement whose mtime was
+set back with ``touch -r`` still counts as changed): a changed checkpoint discards the whole
+cache, and a changed, added or removed image is re-extracted or dropped alone. A file that
+cannot be read (a dangling link, one removed while the search runs) is listed and skipped.
 """
 from __future__ import annotations
 
@@ -19,11 +21,11 @@ from typing import Callable
 import torch
 
 import datasets
-from inference import Extractor
+from inference import Extractor, file_stamp
 from utils import UserError, atomic_write
 
 CACHE_DIR = "search_cache"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2    # 2: entries carry inode and ctime besides size and mtime
 LISTED = 5          # names shown in a "skipped ..." note; the rest are counted
 
 
@@ -51,7 +53,7 @@ def _named(paths, root: Path) -> str:
 
 
 def _load_cache(path: Path, identity: dict, log: Callable[[str], None]) -> dict:
-    """{(relpath, size, mtime_ns): (emb (P,D), weights (P,))} from a valid cache file, else {}."""
+    """{(relpath, *file_stamp): (emb (P,D), weights (P,))} from a valid cache file, else {}."""
     if not path.is_file():
         return {}
     try:
@@ -73,15 +75,21 @@ def gallery_features(ext: Extractor, folder: str | os.PathLike, cache_dir: str |
     """Features of every image under ``folder``, reusing and updating the cache in ``cache_dir``.
 
     Returns {"paths": [str] (G,), "emb": (G,P,D), "weights": (G,P), "cached": int,
-    "extracted": int, "bad": [(path, reason)], "others": [Path]}; undecodable images are
-    left out of ``paths`` and listed in ``bad``.
+    "extracted": int, "bad": [(path, reason)], "unreadable": [(path, reason)], "others": [Path]};
+    undecodable images are left out of ``paths`` and listed in ``bad``, files that cannot be
+    read at all (gone, a dangling link) in ``unreadable``.
     """
     folder = Path(folder)
-    images, others = list_images(folder)
-    entries = []
-    for p in images:
-        st = p.stat()
-        entries.append((os.path.relpath(p, folder), st.st_size, st.st_mtime_ns))
+    listed, others = list_images(folder)
+    images, entries, unreadable = [], [], []
+    for p in listed:
+        try:
+            st = p.stat()
+        except OSError as exc:
+            unreadable.append((str(p), _unreadable(p, exc)))
+            continue
+        images.append(p)
+        entries.append((os.path.relpath(p, folder), *file_stamp(p, st)))
     identity = {"folder": str(folder.resolve()), **ext.identity}
     cache_path = None
     cached = {}
@@ -97,6 +105,10 @@ def gallery_features(ext: Extractor, folder: str | os.PathLike, cache_dir: str |
     todo = [i for i, e in enumerate(entries) if e not in cached]
     emb_new, w_new, bad = ext.extract_files([images[i] for i in todo], desc="gallery")
     bad_rows = {todo[j] for j, _ in bad}
+    # Gone between the listing and the extraction: unreadable, not a broken image.
+    gone = [(j, why) for j, why in bad if not images[todo[j]].is_file()]
+    unreadable += [(str(images[todo[j]]), "removed while the search ran") for j, _ in gone]
+    bad = [b for b in bad if b not in gone]
     fresh = iter(zip(emb_new, w_new))
     rows = {}
     for i in todo:
@@ -111,8 +123,15 @@ def gallery_features(ext: Extractor, folder: str | os.PathLike, cache_dir: str |
         state = {"format": CACHE_FORMAT, "identity": identity, "files": files, "emb": emb, "weights": weights}
         atomic_write(cache_path, lambda f: torch.save(state, f))
     return {"paths": [str(images[i]) for i in keep], "emb": emb, "weights": weights,
-            "cached": len(keep) - (len(todo) - len(bad)), "extracted": len(todo) - len(bad),
-            "bad": [(str(images[todo[j]]), why) for j, why in bad], "others": others, "cache": cache_path}
+            "cached": len(keep) - (len(todo) - len(bad_rows)), "extracted": len(todo) - len(bad_rows),
+            "bad": [(str(images[todo[j]]), why) for j, why in bad], "unreadable": unreadable, "others": others,
+            "cache": cache_path}
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "dangling symbolic link" if path.is_symlink() else "removed while the search ran"
+    return exc.strerror or type(exc).__name__
 
 
 def search(ext: Extractor, query: str | os.PathLike, folder: str | os.PathLike, *, topk: int = 10,
@@ -134,9 +153,13 @@ def search(ext: Extractor, query: str | os.PathLike, folder: str | os.PathLike, 
     gal = gallery_features(ext, folder, cache_dir, log=log)
     same = [i for i, p in enumerate(gal["paths"]) if Path(p).resolve() == query.resolve()]
     gal["self"] = [gal["paths"][i] for i in same]
-    if not gal["paths"] or len(same) == len(gal["paths"]):
+    if gal["paths"] and len(same) == len(gal["paths"]):
+        raise UserError(f"--gallery {folder}: the gallery is empty apart from the query itself "
+                        f"({_named(gal['self'], Path(folder))}); put the images to search among in it")
+    if not gal["paths"]:
         raise UserError(f"--gallery {folder}: no images to rank (looked for {', '.join(datasets.IMG_EXTS)} files "
-                        f"at any depth; found {len(gal['others'])} other file(s), {len(gal['bad'])} undecodable)")
+                        f"at any depth; found {len(gal['others'])} other file(s), {len(gal['bad'])} undecodable, "
+                        f"{len(gal['unreadable'])} unreadable)")
     dist = ext.distance((qf, qw), (gal["emb"], gal["weights"]), weighting=weighting)[0]
     dist[same] = float("inf")
     k = min(topk, len(gal["paths"]) - len(same))
@@ -161,6 +184,10 @@ def notes(res: dict, folder: str | os.PathLike) -> list[str]:
                    + "; ".join(f"{os.path.relpath(p, folder)} ({_reason(why, p)})"
                                for p, why in res["bad"][:LISTED])
                    + (f" and {len(res['bad']) - LISTED} more" if len(res["bad"]) > LISTED else ""))
+    if res.get("unreadable"):
+        out.append(f"skipped {len(res['unreadable'])} file(s) that cannot be read: "
+                   + "; ".join(f"{os.path.relpath(p, folder)} ({why})" for p, why in res["unreadable"][:LISTED])
+                   + (f" and {len(res['unreadable']) - LISTED} more" if len(res["unreadable"]) > LISTED else ""))
     if res["others"]:
         out.append(f"ignored {len(res['others'])} non-image file(s) (not {'/'.join(datasets.IMG_EXTS)}): "
                    + _named(res["others"], folder))

@@ -113,8 +113,17 @@ def append_result(path: Path, text: str) -> None:
 def compute_features(args: argparse.Namespace) -> tuple[Path, dict, dict, float]:
     """The run's query and gallery features on the chosen split, nothing written:
     (run folder, its options, the features dict that features.pt holds, extraction seconds)."""
+    if args.batchsize < 1:
+        raise UserError(f"--batchsize {args.batchsize}: must be at least 1 (images per extraction batch)")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 (load in this process) or more")
     run_dir = find_run(args.runs_dir, args.name)
     model, opts, ckpt = load_model(run_dir, args.which)
+    trained_on = opts.get("data_root") or opts.get("data_dir")
+    if not trained_on and (args.split == "val" or not args.data_dir):
+        raise UserError(f"{run_dir / 'opts.yaml'}: no data_root or data_dir key, so the run's dataset is unknown; "
+                        + ("restore the opts.yaml train.py wrote" if args.split == "val"
+                           else "pass --data_dir DIR (or restore the opts.yaml train.py wrote)"))
     if args.split == "val":
         if args.report:
             raise UserError("--report describes the test split; drop --split val (or --report)")
@@ -123,11 +132,10 @@ def compute_features(args: argparse.Namespace) -> tuple[Path, dict, dict, float]
                             "train with --val_ids 0.15 to hold some out")
         if args.data_dir:
             raise UserError("--split val evaluates on ids held out of the run's own training set; drop --data_dir")
-        full = datasets.load_dataset(opts.get("data_root") or opts["data_dir"])
+        full = datasets.load_dataset(trained_on)
         data = datasets.carve_validation(full, opts["val_ids"])[1]
     else:
-        data = datasets.load_dataset(args.data_dir or opts.get("data_root") or opts["data_dir"],
-                                     need=("query", "gallery"))
+        data = datasets.load_dataset(args.data_dir or trained_on, need=("query", "gallery"))
     if args.rerank:  # before extraction: a refusal after it would cost the plain result too
         evaluate.check_rerank_size(len(data.query), len(data.gallery))
     features, t_extract = features_of(model, opts, data, device=select_device(args.device),

@@ -185,7 +185,8 @@ def test_search_ranks_a_folder_of_anonymous_crops_and_caches_it(run, ext, crops,
     assert rows[0][2] == str(names[4]) and rows[0][1] < 1e-4
     expect = ext.distance(ext([query]), ext([p for _, _, p in rows]))[0]
     assert np.allclose(dists, expect.numpy(), atol=1e-4)
-    png = run / "search.png"
+    png = Path(re.search(r"^saved (.+)$", out, re.M).group(1))
+    assert png.parent == run and png.name == demo.search_figure_name(query)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((run / search.CACHE_DIR).glob("*.pt"))) == 1
 

@@ -191,7 +191,8 @@ def test_checkpoint_from_another_model_is_named(trained, tmp_path):
     with pytest.raises(UserError) as err:
         test_mod.load_model(other)
     msg = str(err.value)
-    assert "does not fit" in msg and "parts 4 (opts.yaml says 6)" in msg and "backbone 'resnet18'" in msg
+    assert "disagrees with last.pt" in msg and "parts is 6 in opts.yaml but 4 in the checkpoint" in msg
+    assert "backbone is 'resnet34' in opts.yaml but 'resnet18' in the checkpoint" in msg
 
 
 def test_out_of_memory_is_a_clear_message(synthetic_dir, tmp_path, monkeypatch):
