@@ -10,18 +10,24 @@ One function per format, called by ``prepare.py``:
   benchmarks -> ``query/`` (the occluded or partial probes, camera 1) and
   ``bounding_box_test/`` (the whole-body images, camera 2), no ``bounding_box_train/``.
 
-Every converter reads the source without modifying it, refuses a non-empty OUT unless
-``overwrite``, writes into a temp folder beside OUT and renames it at the end (an error or
-Ctrl-C leaves nothing half-converted), decodes every image it writes, and reports only
-through ``log``. Bad input is a one-line UserError naming the path. Each output holds
-``sources.tsv``: every written image and where it came from.
+Every converter reads the source without modifying it, checks OUT with
+``utils.check_output`` (OUT outside the source; a non-empty OUT only with ``overwrite``, and
+only one a builder wrote), writes into a temp folder beside OUT and renames it at the end (an
+error or Ctrl-C leaves nothing half-converted), decodes every image it writes, and reports
+only through ``log``. Bad input is a one-line UserError naming the path. Symbolic links to
+folders in the source are never followed (named as skipped). Each output holds
+``sources.tsv``: every written image and where it came from, tab-separated and quoted as the
+csv module does (:func:`read_tsv` reads it, and ``persons.tsv``).
 """
 from __future__ import annotations
 
+import contextlib
+import csv
 import os
 import re
 import shutil
 import sys
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
@@ -30,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 import datasets
-from utils import UserError, staged_folder
+from utils import UserError, check_output, staged_folder
 
 # What a source may hold; formats the reader does not take (datasets.IMG_EXTS) are re-encoded as PNG.
 SRC_IMG_EXTS = datasets.IMG_EXTS + (".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".jfif")
@@ -57,15 +63,55 @@ def _shown(names, n: int = SHOWN) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _check_target(src: Path, out: Path, overwrite: bool) -> None:
-    s, o = src.resolve(), out.resolve()
-    if o == s or s in o.parents or o in s.parents:
-        raise UserError(f"{out}: the output overlaps the source {src}; choose an OUT outside it "
-                        "(the source is never modified)")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another OUT")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+def write_tsv(path: Path, header: tuple, rows) -> None:
+    """A tab-separated table, quoted by the csv module: a tab, newline or quote in a folder or
+    file name stays inside its column."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def read_tsv(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``sources.tsv`` or ``persons.tsv`` as {column: value}."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def load_image(path, large: list) -> Image.Image:
+    """datasets.load_image, with PIL's DecompressionBombWarning (an image above
+    ``Image.MAX_IMAGE_PIXELS`` but under twice it, which PIL still decodes) caught and noted in
+    ``large`` as "PATH (W x H)" instead of surfacing unnamed; above twice it is an error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        img = datasets.load_image(path)
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            large.append(f"{path} ({img.width} x {img.height})")
+        else:       # not ours to judge: pass it on as it came
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return img
+
+
+def large_images_note(large: list) -> str:
+    return (f"{len(large)} image(s) above PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels, "
+            f"read anyway: {_shown(large)}; check that they are photos and not damaged or hostile files")
+
+
+def _check_target(sources, out: Path, overwrite: bool, log: Log) -> None:
+    check_output(out, sources=[s for s in sources if s is not None], overwrite=overwrite, log=log)
+
+
+def _linked_note(links, src: Path) -> str:
+    return (f"skipped {len(links)} symbolic link(s) to folders, not followed (a link can lead out of the "
+            f"source or back into it): {_shown(_rel(p, src) for p in links)}")
+
+
+def _rel(path: Path, src: Path) -> str:
+    try:
+        return path.relative_to(src).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _bar(items, desc: str):
@@ -79,8 +125,8 @@ class _Writer:
     ``sources.tsv`` rows. Files the reader takes are copied byte for byte; other formats
     (``.tif`` ...) are re-encoded as PNG (lossless)."""
 
-    def __init__(self, root: Path, src: Path):
-        self.root, self.src, self.rows, self.bad = root, src, [], []
+    def __init__(self, root: Path, src: Path, log: Log):
+        self.root, self.src, self.rows, self.bad, self.large, self.log = root, src, [], [], [], log
         self.counts: Counter = Counter()
         self.ids: dict = defaultdict(set)
         self.n = 0
@@ -95,7 +141,7 @@ class _Writer:
 
     def copy(self, source: Path, split: str, pid: int, cam: int) -> None:
         try:
-            img = datasets.load_image(source)
+            img = load_image(source, self.large)
         except UserError as exc:
             self.bad.append((source, str(exc)[len(str(source)) + 2:].split("; remove")[0]))
             return
@@ -120,22 +166,38 @@ class _Writer:
             raise UserError(f"{path}: {why}" + (f"; and {more} more: {_shown(str(p) for p, _ in self.bad[1:])}"
                                                 if more else "")
                             + "; remove or replace the broken image(s) in the source and run again")
-        text = "output\tsource\n" + "".join(f"{a}\t{b}\n" for a, b in self.rows)
-        (self.root / "sources.tsv").write_text(text, encoding="utf-8")
+        if self.large:
+            self.log(f"warning: {large_images_note(self.large)}")
+        write_tsv(self.root / "sources.tsv", ("output", "source"), self.rows)
 
 
-def _list_dir(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """(images, subfolders, other files) directly in ``folder``, each in natural order."""
+def _list_dir(folder: Path, links: list) -> tuple[list[Path], list[Path], list[Path]]:
+    """(images, subfolders, other files) directly in ``folder``, each in natural order.
+
+    A symbolic link to a folder goes to ``links``, not followed: one pointing at the source
+    itself or out of it would make a "person" of everyone's images, or of someone else's."""
     images, dirs, others = [], [], []
     for entry in sorted(os.scandir(folder), key=lambda e: _natural(e.name)):
         path = Path(entry.path)
-        if entry.is_dir():
+        if entry.is_symlink() and entry.is_dir():
+            links.append(path)
+        elif entry.is_dir(follow_symlinks=False):
             dirs.append(path)
         elif not entry.name.startswith(".") and entry.name.lower().endswith(SRC_IMG_EXTS):
             images.append(path)
         else:
             others.append(path)
     return images, dirs, others
+
+
+def _files_below(folder: Path, links: list) -> list[Path]:
+    """Every file below ``folder``, in natural order; symbolic links to folders go to
+    ``links``, not followed (as in :func:`_list_dir`)."""
+    found = []
+    for root, dirs, files in os.walk(folder):        # os.walk does not descend into linked folders
+        links += [Path(root, d) for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [Path(root, f) for f in files]
+    return sorted(found, key=lambda f: _natural(str(f)))
 
 
 def _child_dir(base: Path, name: str) -> Path | None:
@@ -166,18 +228,19 @@ def _find_layout(src: Path, names: tuple[str, ...], what: str, option: str) -> t
 
 # --------------------------------------------------------------------------- test-only benchmarks
 def _probe_gallery(src: Path, base: Path, out: Path, probes: list, gallery: list, others: list, *, what: str,
-                   published: str, overwrite: bool, log: Log) -> dict:
+                   published: str, overwrite: bool, log: Log, links=(), empty=()) -> dict:
     """Write [(path, pid)] probes as query/ camera 1 and gallery as bounding_box_test/ camera 2.
 
-    ``base``: the dataset folder found in ``src``, which OUT must not overlap."""
+    ``base``: the dataset folder found in ``src``; OUT must overlap neither. ``links``: symbolic
+    links to folders, not followed; ``empty``: person folders without images; both are named."""
     if not probes or not gallery:
         raise UserError(f"{src}: no {'probe' if not probes else 'whole-body'} images found; not a {what} folder")
     shift = 1 if min(pid for _, pid in probes + gallery) == 0 else 0
     if shift:
         log(f"{src}: ids shifted by +1 (pid 0 means 'distractor' in the Market-1501 protocol)")
-    _check_target(base, out, overwrite)
+    _check_target((src, base), out, overwrite, log)
     with staged_folder(out) as tmp:
-        w = _Writer(tmp, src)
+        w = _Writer(tmp, src, log)
         for split, cam, items in ((QUERY, PROBE_CAM, probes), (GALLERY, GALLERY_CAM, gallery)):
             for path, pid in _bar(items, split):
                 w.copy(path, split, pid + shift, cam)
@@ -192,8 +255,14 @@ def _probe_gallery(src: Path, base: Path, out: Path, probes: list, gallery: list
     if unmatched:
         log(f"warning: {len(unmatched)} probe ids have no whole-body image (those queries are skipped in "
             f"evaluation): {_shown(map(str, unmatched), 20)}")
+    if empty:
+        log(f"warning: skipped {len(empty)} person folder(s) without images: {_shown(_rel(p, src) for p in empty)}")
+    if links:
+        log(f"warning: {_linked_note(links, src)}")
     if others:
         log(f"skipped {len(others)} non-image file(s): {_shown(str(p.relative_to(src)) for p in others)}")
+    stats["empty_folders"] = [_rel(p, src) for p in empty]
+    stats["linked_folders"] = [_rel(p, src) for p in links]
     return stats
 
 
@@ -209,9 +278,9 @@ def convert_occluded_reid(src, out, *, overwrite: bool = False, log: Log = print
     and ``whole_body_images/<PPP>/...`` -> query (occluded) and gallery (whole body)."""
     src, out = Path(src), Path(out)
     base, dirs = _find_layout(src, ("occluded_body_images", "whole_body_images"), "Occluded-REID", "--occluded_reid")
-    lists, others = {}, []
+    lists, others, links, empty = {}, [], [], []
     for key, folder in dirs.items():
-        images, persons, rest = _list_dir(folder)
+        images, persons, rest = _list_dir(folder, links)
         if images:
             raise UserError(f"{images[0]}: an image directly in {folder.name}/; Occluded-REID keeps one folder per "
                             "person (<PPP>/<PPP>_<NN>.tif); for <PPP>_<NNN>.jpg files use --partial_reid")
@@ -220,13 +289,15 @@ def convert_occluded_reid(src, out, *, overwrite: bool = False, log: Log = print
         for person in persons:
             if not person.name.isdigit():
                 raise UserError(f"{person}: person folder name is not a number (expected {folder.name}/<PPP>/)")
-            imgs, sub, rest = _list_dir(person)
+            imgs, sub, rest = _list_dir(person, links)
             others += rest + sub
+            if not imgs:
+                empty.append(person)
             items += [(p, int(person.name)) for p in imgs]
         lists[key] = items
     return _probe_gallery(src, base, out, lists["occluded_body_images"], lists["whole_body_images"], others,
                           what="Occluded-REID", published="200 ids, 1,000 occluded and 1,000 whole-body images",
-                          overwrite=overwrite, log=log)
+                          overwrite=overwrite, log=log, links=links, empty=empty)
 
 
 PARTIAL_REID_NAME = re.compile(r"^(\d+)_\d+\.\w+$")
@@ -240,9 +311,9 @@ def convert_partial_reid(src, out, *, probe: str = "partial", overwrite: bool = 
     src, out = Path(src), Path(out)
     probe_dir = f"{probe}_body_images"
     base, dirs = _find_layout(src, (probe_dir, "whole_body_images"), "Partial-REID", "--partial_reid")
-    lists, others = {}, []
+    lists, others, links = {}, [], []
     for key, folder in dirs.items():
-        images, sub, rest = _list_dir(folder)
+        images, sub, rest = _list_dir(folder, links)
         if sub and not images:
             raise UserError(f"{folder}: holds folders ({_shown(p.name for p in sub)}), not <PPP>_<NNN>.jpg images; "
                             "for one folder per person (Occluded-REID) use --occluded_reid")
@@ -250,7 +321,8 @@ def convert_partial_reid(src, out, *, probe: str = "partial", overwrite: bool = 
         lists[key] = [(p, _pid_of(p, PARTIAL_REID_NAME, "<PPP>_<NNN>.jpg (Partial-REID)")) for p in images]
     return _probe_gallery(src, base, out, lists[probe_dir], lists["whole_body_images"], others,
                           what=f"Partial-REID ({probe} probes)",
-                          published="60 ids, 300 partial and 300 whole-body images", overwrite=overwrite, log=log)
+                          published="60 ids, 300 partial and 300 whole-body images", overwrite=overwrite, log=log,
+                          links=links)
 
 
 PARTIAL_ILIDS_NAME = re.compile(r"^(\d+)\.\w+$")
@@ -260,13 +332,14 @@ def convert_partial_ilids(src, out, *, overwrite: bool = False, log: Log = print
     """Partial-iLIDS (Zheng et al., ICCV 2015): ``Probe/<N>.jpg`` and ``Gallery/<N>.jpg``, N = id."""
     src, out = Path(src), Path(out)
     base, dirs = _find_layout(src, ("Probe", "Gallery"), "Partial-iLIDS", "--partial_ilids")
-    lists, others = {}, []
+    lists, others, links = {}, [], []
     for key, folder in dirs.items():
-        images, sub, rest = _list_dir(folder)
+        images, sub, rest = _list_dir(folder, links)
         others += rest + sub
         lists[key] = [(p, _pid_of(p, PARTIAL_ILIDS_NAME, "<N>.jpg, N = person id (Partial-iLIDS)")) for p in images]
     return _probe_gallery(src, base, out, lists["Probe"], lists["Gallery"], others, what="Partial-iLIDS",
-                          published="119 ids, 119 partial and 119 whole-body images", overwrite=overwrite, log=log)
+                          published="119 ids, 119 partial and 119 whole-body images", overwrite=overwrite, log=log,
+                          links=links)
 
 
 # --------------------------------------------------------------------------- one folder per person
@@ -315,15 +388,16 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
     frac, count = _parse_test_ids(test_ids)
     if not src.is_dir():
         raise UserError(f"{src}: no such folder (expected one folder per person: {src}/<person>/<image>)")
-    _check_target(src, out, overwrite)
-    stray, person_dirs, others = _list_dir(src)      # images at the top are no one's
+    _check_target((src,), out, overwrite, log)
+    links = []                                          # symbolic links to folders: never followed
+    stray, person_dirs, others = _list_dir(src, links)  # images at the top are no one's
     deeper = []                                        # images below <person>/<camera>/
     skipped_dirs = [p for p in person_dirs if p.name.startswith(".")]
     person_dirs = [p for p in person_dirs if not p.name.startswith(".")]
     if not person_dirs:
         raise UserError(f"{src}: no person folders (expected {src}/<person>/<image>, one folder per person)")
-    listing = {p: _list_dir(p) for p in person_dirs}
-    with_cams = [p for p, (_, subs, _) in listing.items() if any(_list_dir(s)[0] for s in subs)]
+    listing = {p: _list_dir(p, links) for p in person_dirs}
+    with_cams = [p for p, (_, subs, _) in listing.items() if any(_list_dir(s, links)[0] for s in subs)]
     flat = [p for p, (imgs, _, _) in listing.items() if imgs]
     use_cams = cams == "auto" and bool(with_cams)
     if use_cams and flat:
@@ -334,9 +408,9 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
     persons = []           # (folder, {camera subfolder name or "": [image paths]})
     for person, (imgs, subs, rest) in listing.items():
         others += rest
-        nested = [f for sub in subs for f in sorted(sub.rglob("*"), key=lambda f: _natural(str(f))) if f.is_file()]
+        nested = [f for sub in subs for f in _files_below(sub, links)]
         if use_cams:
-            by_cam = {sub.name: _list_dir(sub)[0] for sub in subs}
+            by_cam = {sub.name: _list_dir(sub, links)[0] for sub in subs}
             taken = {x for v in by_cam.values() for x in v}
             deeper += [f for f in nested if f not in taken and f.name.lower().endswith(SRC_IMG_EXTS)]
             taken |= set(deeper)
@@ -350,8 +424,10 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
             persons.append((person, by_cam))
         else:
             skipped_dirs.append(person)
+    links = sorted(set(links), key=lambda p: _natural(_rel(p, src)))    # some are met more than once
     if not persons:
-        raise UserError(f"{src}: no images in any person folder (looked for {', '.join(SRC_IMG_EXTS)})")
+        raise UserError(f"{src}: no images in any person folder (looked for {', '.join(SRC_IMG_EXTS)})"
+                        + (f"; {_linked_note(links, src)}" if links else ""))
     cam_names = sorted({c for _, by_cam in persons for c in by_cam}, key=_natural)
     cam_id = {c: i + 1 for i, c in enumerate(cam_names)} if use_cams else {"": PROBE_CAM}
     pid_of = {person: i + 1 for i, (person, _) in enumerate(persons)}
@@ -374,7 +450,7 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
     test = {eligible[int(i)] for i in order[:n_test]}
     single = [p for p, _ in persons if p not in eligible]
     with staged_folder(out) as tmp:
-        w = _Writer(tmp, src)
+        w = _Writer(tmp, src, log)
         rows = []
         for person, by_cam in _bar(persons, "persons"):
             pid = pid_of[person]
@@ -397,15 +473,15 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
                 for x, c in paths:
                     w.copy(x, target, pid, cam_id[c] if use_cams else (GALLERY_CAM if test_only else PROBE_CAM))
                 split = "gallery" if test_only else "train"
-            rows.append(f"{pid}\t{split}\t{person.name}\t{len(paths)}\n")
+            rows.append((pid, split, person.name, len(paths)))
         w.finish()
-        (tmp / "persons.tsv").write_text("pid\tsplit\tfolder\timages\n" + "".join(rows), encoding="utf-8")
+        write_tsv(tmp / "persons.tsv", ("pid", "split", "folder", "images"), rows)
     stats = {"persons": len(persons), "images": sum(w.counts.values()), "train": w.counts[TRAIN],
              "query": w.counts[QUERY], "gallery": w.counts[GALLERY], "train_ids": len(w.ids[TRAIN]),
              "query_ids": len(w.ids[QUERY]), "gallery_ids": len(w.ids[GALLERY]),
              "cameras": len(cam_names) if use_cams else 0, "single": [p.name for p in single],
              "non_images": len(others), "stray_images": len(stray), "deeper_images": len(deeper),
-             "skipped_folders": [p.name for p in skipped_dirs]}
+             "skipped_folders": [p.name for p in skipped_dirs], "linked_folders": [_rel(p, src) for p in links]}
     log(f"{out}: {stats['persons']} persons, {stats['images']} images -> "
         + (f"train {stats['train_ids']} ids / {stats['train']} images, " if not test_only else "test-only, ")
         + f"query {stats['query_ids']} ids / {stats['query']}, gallery {stats['gallery_ids']} ids / {stats['gallery']}")
@@ -423,6 +499,8 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
             f"{'the gallery (no query)' if test_only else TRAIN + '/'}: {_shown(p.name for p in single)}")
     if skipped_dirs:
         log(f"skipped {len(skipped_dirs)} folder(s), hidden or without images: {_shown(p.name for p in skipped_dirs)}")
+    if links:
+        log(_linked_note(links, src))
     if stray:
         log(f"skipped {len(stray)} image(s) outside a person folder: {_shown(p.name for p in stray)}")
     if deeper:
@@ -448,8 +526,11 @@ def _read_protocol(path: Path, mat_path: Path) -> dict:
 
     try:
         m = scipy.io.loadmat(str(path))
-    except (OSError, ValueError, TypeError, NotImplementedError, scipy.io.matlab.MatReadError) as exc:
-        raise UserError(f"{path}: not a readable MATLAB .mat file ({_one_line(exc)})") from None
+    # a truncated or damaged file fails deep inside scipy's reader, as IndexError among others
+    except (OSError, ValueError, TypeError, IndexError, KeyError, EOFError, NotImplementedError, MemoryError,
+            scipy.io.matlab.MatReadError) as exc:
+        raise UserError(f"{path}: not a readable MATLAB .mat file, truncated or damaged ({_one_line(exc)}); "
+                        "download the split file again") from None
     missing = [k for k in PROTOCOL_KEYS if k not in m]
     if missing:
         have = sorted(k for k in m if not k.startswith("__"))
@@ -480,6 +561,18 @@ def _read_protocol(path: Path, mat_path: Path) -> dict:
         raise mismatch(f"{len(train_ids & test_ids)} ids are in both training and test")
     return {"path": path, "names": names, "labels": labels, "views": views, "split": split,
             "unused": len(names) - len(every), "mismatch": mismatch}
+
+
+@contextlib.contextmanager
+def _h5_damage(mat_path: Path, what: str):
+    """Reading from ``cuhk-03.mat``: h5py reports a damaged or truncated file as KeyError ("bad
+    object header"), RuntimeError, OSError or ValueError; one line naming the file instead.
+    Only reads go in here, so a failed write is never blamed on the source."""
+    try:
+        yield
+    except (KeyError, RuntimeError, OSError, ValueError, IndexError, TypeError) as exc:
+        raise UserError(f"{mat_path}: {what} unreadable: the file is damaged or truncated ({_one_line(exc)}); "
+                        "download cuhk-03.mat again") from None
 
 
 def _cuhk03_cells(f, kind: str, mat_path: Path) -> list:
@@ -546,7 +639,8 @@ def convert_cuhk03(src, out, *, overwrite: bool = False, log: Log = print) -> di
             raise UserError(f"{dirs[0] / name}: not found (looked in {', '.join(map(str, dirs))}); put the CUHK03 "
                             "new-protocol split files (Zhong et al., CVPR 2017) beside cuhk-03.mat")
         protocols[kind] = _read_protocol(path, mat_path)
-    _check_target(mat_path.parent if src.is_file() else src, out, overwrite)
+    _check_target([mat_path.parent, src if src.is_dir() else None] + [p["path"].parent for p in protocols.values()],
+                  out, overwrite, log)
     try:
         f = h5py.File(mat_path, "r")
     except OSError as exc:
@@ -555,8 +649,9 @@ def convert_cuhk03(src, out, *, overwrite: bool = False, log: Log = print) -> di
     stats = {}
     with f, staged_folder(out) as tmp:
         for kind, proto in protocols.items():
-            stats[kind] = _write_cuhk03(f, _cuhk03_cells(f, kind, mat_path), proto, tmp / kind, kind, mat_path,
-                                        log)
+            with _h5_damage(mat_path, f"'{kind}'"):
+                cells = _cuhk03_cells(f, kind, mat_path)
+            stats[kind] = _write_cuhk03(f, cells, proto, tmp / kind, kind, mat_path, log)
     for kind, s in stats.items():
         log(f"{out / kind}: train {s['train']} images / {s['train_ids']} ids, query {s['query']}, gallery "
             f"{s['gallery']} / {s['test_ids']} ids (published train / query / gallery: {CUHK03_PUBLISHED[kind]})")
@@ -571,7 +666,7 @@ def _write_cuhk03(f, cells: list, proto: dict, root: Path, kind: str, mat_path: 
     shift = 1 if labels.min() == 0 else 0
     if shift:
         log(f"{proto['path']}: labels shifted by +1 (pid 0 means 'distractor' in the Market-1501 protocol)")
-    w = _Writer(root, mat_path.parent)
+    w = _Writer(root, mat_path.parent, log)
     owner: dict = {}
     used = set()
     jobs = [(split, i) for split, key in ((TRAIN, "train"), (QUERY, "query"), (GALLERY, "gallery"))
@@ -589,11 +684,8 @@ def _write_cuhk03(f, cells: list, proto: dict, root: Path, kind: str, mat_path: 
         pid = int(labels[i]) + shift
         if owner.setdefault((pair, person), pid) != pid:
             raise mismatch(f"person {person} of pair {pair} has labels {owner[(pair, person)]} and {pid}")
-        try:
+        with _h5_damage(mat_path, f"{kind} pair {pair} person {person} image {image}"):
             img = _cuhk03_image(f, cells[pair - 1][person - 1, image - 1])
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"{mat_path}: {kind} pair {pair} person {person} image {image} unreadable "
-                            f"({_one_line(exc)})") from None
         if img is None:
             raise mismatch(f"{name} (row {i + 1}) is an empty cell of {kind} in {mat_path.name}")
         used.add((pair, person, image))
@@ -602,8 +694,9 @@ def _write_cuhk03(f, cells: list, proto: dict, root: Path, kind: str, mat_path: 
     if len(set(owner.values())) != len(owner):
         raise mismatch("one label names persons of two camera pairs")
     w.finish()
-    unused = sum(1 for p, table in enumerate(cells, 1) for (r, c), ref in np.ndenumerate(table)
-                 if (p, r + 1, c + 1) not in used and _nonempty(f, ref))
+    with _h5_damage(mat_path, f"the unused cells of '{kind}'"):
+        unused = sum(1 for p, table in enumerate(cells, 1) for (r, c), ref in np.ndenumerate(table)
+                     if (p, r + 1, c + 1) not in used and _nonempty(f, ref))
     return {"train": w.counts[TRAIN], "query": w.counts[QUERY], "gallery": w.counts[GALLERY],
             "train_ids": len(w.ids[TRAIN]), "test_ids": len(w.ids[QUERY] | w.ids[GALLERY]),
             "unused_cells": unused, "unused_names": proto["unused"]}

@@ -134,7 +134,9 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
     (the gallery, unchanged: hard links where possible, else copies) and ``out/occlusion.json``
     (``images``: "query/NAME" -> {"hidden_rows": per-row hidden fraction} for occluded
     queries, null for the other queries and the gallery). No training folder: a test-only set. Built in a temporary
-    folder beside ``out`` and renamed at the end.
+    folder beside ``out`` and renamed at the end; ``out`` is checked as every builder's
+    (``utils.check_output``): never the source, inside it or holding it, and replaced only if
+    a builder wrote it.
     """
     import json
     import os
@@ -143,14 +145,14 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
 
     from PIL import Image
 
+    import converters
     import datasets
-    from utils import UserError, staged_folder
+    from utils import UserError, check_output, check_overlap, staged_folder
 
     if not 0 < fraction <= 1:
         raise UserError(f"--fraction {fraction}: expected a fraction of the queries in (0, 1]")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    check_output(out, sources=[src], overwrite=overwrite, log=log)
     if val_ids is None:
         data = datasets.load_dataset(src, log=lambda *_: None, need=("query", "gallery"))
         # The gallery folder as the source has it (distractors and junk included).
@@ -158,12 +160,13 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
     else:
         data = datasets.carve_validation(datasets.load_dataset(src, log=lambda *_: None), val_ids)[1]
         gallery = [p for p, _, _ in data.gallery]
+    check_overlap(out, [data.root])     # the dataset found inside src may be a link to elsewhere
     rng = np.random.default_rng(seed)
     donors = [(p, pid) for p, pid, _ in data.gallery if pid > 0]
     if not donors:
         raise UserError(f"{data.root / datasets.SPLITS['gallery']}: no identified gallery images to cut occluders from")
     chosen = set(rng.choice(len(data.query), int(round(fraction * len(data.query))), replace=False).tolist())
-    truth = {}
+    truth, large = {}, []
     with staged_folder(out) as tmp:
         (tmp / "query").mkdir()
         gal = tmp / datasets.SPLITS["gallery"]
@@ -182,13 +185,13 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
                 shutil.copyfile(path, tmp / key)
                 truth[key] = None
                 continue
-            img = np.asarray(datasets.load_image(path), dtype=np.float32)
+            img = np.asarray(converters.load_image(path, large), dtype=np.float32)
             h, w = img.shape[:2]
             while True:
                 dpath, dpid = donors[int(rng.integers(len(donors)))]
                 if dpid != pid:
                     break
-            donor = datasets.load_image(dpath)
+            donor = converters.load_image(dpath, large)
             y0, x0, y1, x1 = source_box(donor.height, donor.width, rng.random(4).tolist())
             alpha = hard_alpha(h, w, rng)
             fill = np.asarray(donor.crop((x0, y0, x1, y1)).resize((w, h), Image.BILINEAR), dtype=np.float32)
@@ -205,4 +208,6 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
         (tmp / "occlusion.json").write_text(json.dumps(meta))
     n_occ = sum(v is not None for v in truth.values())
     log(f"{out}: {len(data.query)} queries ({n_occ} occluded), {len(data.gallery)} gallery images from {data.root}")
+    if large:
+        log(f"warning: {converters.large_images_note(list(dict.fromkeys(large)))}")
     return {"queries": len(data.query), "occluded": n_occ}

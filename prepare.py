@@ -4,22 +4,33 @@
     python prepare.py --check DIR
     python prepare.py --msmt17 SRC OUT [--link] [--overwrite]
     python prepare.py --occlude SRC OUT [--fraction 0.5] [--seed 0] [--val_ids 0.15]   # occlusion benchmark
+    (and the converters of converters.py: --cuhk03, --folders, --occluded_reid, --partial_reid, --partial_ilids)
 
 The synthetic set: pedestrians drawn with numpy, each identity a combination of six
 horizontal body bands whose colours and textures come from a small shared palette (no
 single band identifies a person), seen by six cameras with their own background,
 illumination and colour cast, with scale/shift jitter, mirroring, noise and JPEG; a fraction
 of images has an occluder over the top or bottom band(s), recorded in OUT/occlusion.json.
+
+Every builder writes OUT through utils.staged_folder and checks it first with
+utils.check_output: OUT may not be, be inside or hold the source; a non-empty OUT needs
+--overwrite and is replaced only if a builder wrote it (it holds utils.OUTPUT_MARKER,
+``.awpcn-prepared``), so a folder of the user's is refused, never deleted. Staging folders a
+killed run left beside OUT are removed at the next start. Ctrl-C, SIGTERM and SIGHUP remove
+the unfinished output and end with one line and status 128 + the signal (130 for Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections import defaultdict
 from multiprocessing import Pool
 from pathlib import Path
@@ -30,7 +41,8 @@ from PIL import Image
 import converters
 import datasets
 import occluders
-from utils import UserError, cli, staged_folder
+import utils
+from utils import UserError, check_output, cli, staged_folder
 
 HEIGHT, WIDTH, CAMERAS, BANDS = 128, 64, 6, 6
 PALETTE = np.array([[200, 40, 40], [40, 150, 60], [40, 70, 190], [225, 200, 50], [240, 240, 235],
@@ -124,15 +136,14 @@ def plan_synthetic(ids: int = 300, seed: int = 0) -> list[tuple[str, int, int]]:
 
 
 def make_synthetic(out: str | os.PathLike, *, ids: int = 300, seed: int = 0, occlusion: float = 0.3,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, log=print) -> dict:
     """Write the synthetic set to ``out`` (through a temp folder, renamed at the end)."""
     out = Path(out)
     if ids < 4:
         raise UserError(f"--ids {ids}: need at least 4 identities (half train, half test)")
     if not 0 <= occlusion <= 1:
         raise UserError(f"--occlusion {occlusion}: a probability in [0, 1] is expected")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    check_output(out, overwrite=overwrite, log=log)
     plan = plan_synthetic(ids, seed)
     rng = np.random.default_rng([seed, 2])
     idents = {pid: _identity(rng) for pid in range(1, ids + 1)}
@@ -157,12 +168,20 @@ def make_synthetic(out: str | os.PathLike, *, ids: int = 300, seed: int = 0, occ
 
 
 # --------------------------------------------------------------------------- check
-def _decode(path: str) -> tuple[str, str | None]:
+def _decode(path: str) -> tuple[str, str | None, str | None]:
+    """(path, why it does not decode or None, a note when it is huge or None)."""
+    large = []
     try:
-        datasets.load_image(path)
-        return path, None
+        converters.load_image(path, large)
+        return path, None, large[0] if large else None
     except UserError as exc:
-        return path, str(exc).split(": ", 1)[-1]
+        return path, str(exc).split(": ", 1)[-1], None
+
+
+def _pool_worker() -> None:
+    # Ctrl-C reaches the whole process group: the workers leave it to the parent, which stops
+    # them, instead of each printing a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=print) -> list[str]:
@@ -182,11 +201,16 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=pr
         splits[key] = items
         errors += [f"{p}: {why}" for p, why in bad]
     paths = [p for items in splits.values() for p, _, _ in items]
-    with Pool(workers or min(2, os.cpu_count() or 1)) as pool:
-        for p, why in tqdm(pool.imap(_decode, paths, chunksize=64), total=len(paths), desc="decoding",
-                           disable=not sys.stderr.isatty(), leave=False):
+    large = []
+    with Pool(workers or min(2, os.cpu_count() or 1), initializer=_pool_worker) as pool:
+        for p, why, big in tqdm(pool.imap(_decode, paths, chunksize=64), total=len(paths), desc="decoding",
+                                disable=not sys.stderr.isatty(), leave=False):
             if why:
                 errors.append(f"{p}: {why}")
+            if big:
+                large.append(big)
+    if large:
+        warnings.append(converters.large_images_note(large))
     log(f"{root}")
     if test_only:
         log("test-only set: no bounding_box_train/ (test.py --data_dir evaluates on it; train.py cannot train on it)")
@@ -247,8 +271,7 @@ def convert_msmt17(src: str | os.PathLike, out: str | os.PathLike, *, link: bool
     missing = [n for n in MSMT_LISTS if not (src / n).is_file()]
     if missing or None in img_dirs.values():
         raise UserError(f"{src}: not an MSMT17 folder: missing {', '.join(missing) or 'train/ or test/ images'}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    check_output(out, sources=[src], overwrite=overwrite, log=log)
     counts = defaultdict(int)
     link_failed, copied = "", 0
     with staged_folder(out) as tmp:
@@ -291,8 +314,7 @@ def convert_msmt17(src: str | os.PathLike, out: str | os.PathLike, *, link: bool
     return dict(counts)
 
 
-@cli
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Prepare and check re-ID datasets in the Market-1501 layout.")
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--synthetic", metavar="OUT", help="generate the built-in synthetic dataset into OUT")
@@ -325,8 +347,77 @@ def main(argv=None) -> int:
     ap.add_argument("--val_ids", type=float, default=None,
                     help="occlude: build it from the validation ids train.py --val_ids holds out (same fraction), "
                          "not the test split: for choosing test-time settings")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = ap.parse_args(argv)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output folder, only one that prepare.py wrote (it holds .awpcn-prepared)")
+    return ap
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that the staged output is removed as
+    on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    if threading.current_thread() is not threading.main_thread():   # handlers can only be set there
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:     # a forked --check worker: end as the signal asks, quietly
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _folder_id(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return None
+
+
+@cli
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = next((v if isinstance(v, str) else v[1] for k, v in vars(args).items()
+                if v and k in ("synthetic", "msmt17", "cuhk03", "folders", "occluded_reid", "partial_reid",
+                               "partial_ilids", "occlude")), None)
+    before = _folder_id(out) if out else None
+    try:
+        with _signals_interrupt():
+            return _run(args)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        if out is None:
+            what = "the check stopped before the end (it writes nothing)"
+        elif _folder_id(out) != before and (Path(out) / utils.OUTPUT_MARKER).is_file():
+            what = f"{out} had just been written completely"      # the swap is never cut in two
+        else:
+            what = f"nothing written to {out}"
+        try:
+            print(f"interrupted{by}: {what}", file=sys.stderr)
+        except OSError:      # SIGHUP: the terminal may be gone
+            pass
+        return 128 + signum
+
+
+def _run(args) -> int:
     if args.synthetic:
         stats = make_synthetic(args.synthetic, ids=args.ids, seed=args.seed, occlusion=args.occlusion,
                                overwrite=args.overwrite)

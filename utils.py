@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -58,7 +59,56 @@ def cli(main: Callable[..., Any]) -> Callable[..., int]:
     return wrapper
 
 
+def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", show: bool | None = None):
+    """A tqdm progress bar with the settings every tool shares: ``show=None`` shows it on a
+    terminal only (logs and CI get the tools' summary lines instead), True/False force it; it
+    is cleared when done and redrawn at most once a second."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, mininterval=1.0,
+                disable=not (sys.stderr.isatty() if show is None else show))
+
+
 # --------------------------------------------------------------------------- atomic writes
+# atomic_write's temp files are ".NAME.PID.tmp": the PID tells a live writer's file from one
+# a killed process left (see remove_stale_temp_files).
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # e.g. a PID beyond what the platform can signal
+        return False
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, log: Callable[[str], None] = print) -> list[Path]:
+    """Delete the temp files :func:`atomic_write` left in ``folder`` when its process was
+    killed mid-write (SIGKILL, power cut), saying each; those of a process still running
+    (writing right now) and of this process are kept. Returns the files removed."""
+    folder = Path(folder)
+    removed = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = TEMP_NAME.match(p.name)
+        if not m or not p.is_file() or p.is_symlink():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+        log(f"removed {p}: an unfinished write of {m['name']} by process {pid}, which is no longer running")
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> None:
     """Write ``path`` through ``write(fileobj)`` into a temp file beside it, then rename.
 
@@ -87,29 +137,197 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         raise
 
 
+# --------------------------------------------------------------------------- dataset output folders
+# Every folder a prepare.py builder writes holds this file. --overwrite replaces a folder only
+# when it does: a mistyped OUT (a thesis folder, a home directory) is refused, never deleted.
+OUTPUT_MARKER = ".awpcn-prepared"
+_MARKER_TEXT = ("Written by AWPCN prepare.py. prepare.py --overwrite replaces a folder only when it holds "
+                "this file; delete this file to protect the folder from --overwrite.\n")
+# staged_folder's names beside OUT: .OUT.tmp-PID (being built), .OUT.old-PID (the previous OUT
+# during the final swap). The PID tells a running build's folder from one a killed process left.
+_STAGE_KINDS = ("tmp", "old")
+
+
+def _stage(out: Path, kind: str) -> Path:
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}")
+
+
+def _entries(folder: Path, n: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name != OUTPUT_MARKER)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _foreign(out: Path) -> str | None:
+    """Why ``out`` must not be replaced, or None when it may be (missing, empty, or ours)."""
+    if out.is_symlink():
+        return f"is a symbolic link (to {os.readlink(out)}); give the folder itself"
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return "exists and is not a folder"
+    if (out / OUTPUT_MARKER).is_file() or not any(out.iterdir()):
+        return None
+    return f"was not written by prepare.py (no {OUTPUT_MARKER} file; it holds {_entries(out)})"
+
+
+def check_overlap(out: str | os.PathLike, sources=()) -> None:
+    """Refuse an ``out`` that is, is inside, or holds one of the ``sources`` folders: building
+    there would write into the source or, with --overwrite, replace it."""
+    o = Path(out).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        how = ("is the source itself" if o == s else "is inside the source" if s in o.parents
+               else "holds the source" if o in s.parents else None)
+        if how:
+            raise UserError(f"{out}: the output {how} {src}; choose an OUT outside {src} (the source is "
+                            "never modified)")
+
+
+def check_output(out: str | os.PathLike, *, sources=(), overwrite: bool = False,
+                 log: Callable[[str], None] = print) -> Path:
+    """What every dataset builder checks about OUT before it reads its source at length.
+
+    OUT must not overlap any of ``sources`` (:func:`check_overlap`). Staging folders an
+    interrupted build left beside OUT are cleaned first (:func:`clean_stale_stages`). OUT may
+    be missing or an empty folder. A non-empty OUT needs ``overwrite``, and is then replaced
+    (at the end, by :func:`staged_folder`) only if it holds :data:`OUTPUT_MARKER`, the file
+    every builder writes; a folder without it is the user's and is refused, never deleted.
+    """
+    out = Path(out)
+    check_overlap(out, sources)
+    clean_stale_stages(out, log)
+    why = _foreign(out)
+    if why:
+        fix = ("move it away or choose another OUT; --overwrite replaces only a folder prepare.py wrote"
+               if out.is_dir() and not out.is_symlink() else "choose another OUT")
+        raise UserError(f"{out}: {why}; {fix}")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} already exists; pass --overwrite to replace it (a previous prepare.py "
+                            f"output: {_entries(out)})")
+        log(f"--overwrite: {out} holds a previous prepare.py output ({_entries(out)}); it is replaced once "
+            "the new one is complete")
+    return out
+
+
+def clean_stale_stages(out: str | os.PathLike, log: Callable[[str], None] = print) -> list[Path]:
+    """Deal with the staging folders :func:`staged_folder` left beside ``out`` when its process
+    was killed (SIGKILL, a power cut): a ``.OUT.tmp-PID`` (an unfinished build) is removed; a
+    ``.OUT.old-PID`` (the previous OUT, moved aside for the final swap) is put back when OUT is
+    missing, else removed. Only real folders of exactly those names whose process is no longer
+    running are touched, each said through ``log``. Returns the folders dealt with."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?P<kind>{'|'.join(_STAGE_KINDS)})-(?P<pid>[0-9]+)")
+    stale = []
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        # the newest previous OUT first: it is the one to put back
+        stale.append((m["kind"] != "old", -p.stat().st_mtime_ns, p, pid))
+    for _, _, p, pid in sorted(stale):
+        if p.name.startswith(f".{out.name}.old-") and not os.path.lexists(out):
+            os.replace(p, out)
+            log(f"restored {out} from {p.name}: process {pid}, no longer running, was stopped while replacing it")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                log(f"removed {p}: an unfinished prepare.py output of process {pid}, which is no longer running")
+    return [p for _, _, p, _ in stale]
+
+
+def _cannot_write(out: Path, exc: OSError) -> UserError:
+    """An OSError about OUT itself (creating, filling or renaming its staging folder) as one line
+    with the fix."""
+    where = out.parent
+    while not os.path.lexists(where) and where != where.parent:
+        where = where.parent
+    why = exc.strerror or exc.__class__.__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"{out}: disk full while writing it ({why}); nothing was written and the partial copy "
+                         "is removed. Free some space and run again")
+    if not where.is_dir():
+        return UserError(f"{out}: cannot be created: {where} is a file, not a folder; choose another OUT")
+    if exc.errno == errno.EROFS:
+        return UserError(f"{out}: cannot write in {where}: it is on a read-only filesystem; choose an OUT on "
+                         "a writable disk")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return UserError(f"{out}: cannot write in {where} (permission denied); choose an OUT in a folder you "
+                         f"can write to, or fix the permissions of {where}")
+    return UserError(f"{out}: cannot write it ({why}); choose another OUT")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT, SIGTERM and SIGHUP back across OUT's final swap, so an interruption lands
+    before it (OUT as it was) or after it (OUT complete), never between its two renames."""
+    import signal
+
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    except (AttributeError, OSError, ValueError):    # no POSIX signal masks on this platform
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    why = _foreign(out)        # checked up front too; this catches what appeared while we built
+    if why:
+        raise UserError(f"{out}: {why}; it is left alone and nothing was written: move it away or choose "
+                        "another OUT")
+    old = _stage(out, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    with _signals_held():
+        try:
+            moved = os.path.lexists(out)
+            if moved:
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                if moved:
+                    os.replace(old, out)
+                raise
+        except OSError as exc:
+            raise _cannot_write(out, exc) from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | os.PathLike):
-    """A fresh temp folder beside ``out`` to build into; on success it replaces ``out`` by
-    renames, on any error (Ctrl-C included) it is removed and ``out`` is left as it was —
-    nothing half-written is ever visible at ``out``."""
+    """A fresh temp folder ``.OUT.tmp-PID`` beside ``out`` to build into, holding
+    :data:`OUTPUT_MARKER`. On success it replaces ``out`` by renames; on any error (Ctrl-C, or
+    SIGTERM turned into KeyboardInterrupt, included) it is removed and ``out`` is left as it
+    was: nothing half-written is ever visible at ``out``. ``out`` is replaced only if it is
+    missing, empty or ours (:func:`check_output`). Failures of OUT itself (a parent that is
+    read-only, not writable, or a file; a full disk) are one-line UserErrors with the fix.
+    A SIGKILL leaves the temp folder; :func:`clean_stale_stages` removes it at the next start."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = _stage(out, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / OUTPUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _cannot_write(out, exc) from None
     try:
         yield tmp
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old.exists():
-                os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        _commit(tmp, out)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or str(exc.filename or "").startswith(str(tmp))):
+            raise _cannot_write(out, exc) from None
         raise
 
 
@@ -146,6 +364,45 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of options, got {type(data).__name__}")
     return data
+
+
+# --------------------------------------------------------------------------- run folders
+RUN_LOCK = ".train.lock"
+
+
+def lock_run(run_dir: str | os.PathLike, log: Callable[[str], None] = print):
+    """Hold ``run_dir`` for writing until the returned file is closed or this process ends.
+
+    An flock on ``RUN_LOCK`` inside the folder: the kernel drops it with the holder's last
+    descriptor, so a killed trainer never leaves the run locked. A second writer gets a
+    UserError naming the run and the holder's PID; readers (test.py) do not lock. Returns
+    None, after saying so, where the platform or file system has no locks.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        log(f"note: no file locks on this platform; nothing stops a second training of {run_dir}")
+        return None
+    path = Path(run_dir) / RUN_LOCK
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        f.seek(0)
+        holder = f.read().strip() or "(PID not yet written)"
+        f.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UserError(f"{run_dir} is being trained by process {holder} (it holds {path}); wait for it "
+                            "to end or stop it, or train under another --name") from None
+        log(f"note: {path}: the file system refuses locks ({exc.strerror}); nothing stops a second "
+            f"training of {run_dir}")
+        return None
+    # The holder's PID, for the message a second writer gets.
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -228,6 +485,12 @@ def load_features(run_dir: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------- misc
+def run_data_dir(opts: dict) -> str | None:
+    """The dataset a run was trained on, from its opts.yaml: data_root (the resolved layout
+    folder train.py records) or, in an opts.yaml from before that key, data_dir; None if neither."""
+    return opts.get("data_root") or opts.get("data_dir")
+
+
 def same_dataset(trained_on: str | os.PathLike, tested_on: str | os.PathLike) -> bool:
     """Whether a run's training folder is the folder it is tested on (else: cross-dataset)."""
     return Path(trained_on).expanduser().resolve() == Path(tested_on).expanduser().resolve()
@@ -243,17 +506,26 @@ def seed_everything(seed: int) -> None:
 
 
 def select_device(name: str = "auto"):
-    """``auto`` → cuda if available else cpu; ``cuda`` without a GPU is a clear error."""
+    """``auto`` → cuda if available else cpu; ``cpu``, ``cuda``, ``cuda:N``. Any other name,
+    ``cuda`` without a GPU and ``cuda:N`` beyond the GPUs present are clear errors."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m = re.fullmatch(r"cpu|cuda(?::([0-9]+))?", str(name))
+    if not m:
+        raise UserError(f"--device {name!r}: not a device this code runs on; use auto, cpu, cuda or cuda:N "
+                        "(N: the GPU's index, as nvidia-smi lists them)")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(
             f"--device {name}: CUDA was requested but no CUDA device is available "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
             "use --device cpu or check the driver with nvidia-smi"
         )
+    if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}; "
+                        "pick one of those or use --device cuda")
     return torch.device(name)
 
 

@@ -256,9 +256,9 @@ def test_folders_without_cameras_split_query_gallery_and_report(tmp_path):
     out = tmp_path / "out"
     stats = converters.convert_folders(src, out, test_ids=0.5, seed=0, log=said.append)
     assert digest(src) == before
-    persons = (out / "persons.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    assert [row.split("\t")[2] for row in persons] == ["Ana María", "bob", "carl", "dora", "eve", "李 雷"]
-    split_of = {row.split("\t")[2]: row.split("\t")[1] for row in persons}
+    persons = converters.read_tsv(out / "persons.tsv")
+    assert [row["folder"] for row in persons] == ["Ana María", "bob", "carl", "dora", "eve", "李 雷"]
+    split_of = {row["folder"]: row["split"] for row in persons}
     assert split_of["bob"] == "train"                                   # one image: cannot be queried
     tested = sorted(n for n, s in split_of.items() if s == "test")
     assert len(tested) == 2 and "bob" not in tested                     # round(0.5 * 5 eligible)
@@ -276,7 +276,7 @@ def test_folders_without_cameras_split_query_gallery_and_report(tmp_path):
     g_src = {src_of[f"{GALLERY}/{Path(p).name}"] for p, _, _ in data.gallery}
     assert not q_src & g_src and len(set(src_of.values())) == len(src_of)  # the query's own image never in the gallery
     for pid in {p for _, p, _ in data.query}:                                  # every other image of the person is
-        name = persons[pid - 1].split("\t")[2]
+        name = persons[pid - 1]["folder"]
         assert sum(p == pid for _, p, _ in data.gallery) == stats_images(src, name) - 1
     for rel, source in src_of.items():                                         # .tif re-encoded losslessly, rest copied
         if source.endswith(".tif"):
@@ -298,7 +298,7 @@ def test_folders_without_cameras_split_query_gallery_and_report(tmp_path):
     cli = tmp_path / "cli"
     assert prepare.main(["--folders", str(src), str(cli), "--cams", "none", "--query_per_id", "2",
                          "--test_ids", "3", "--seed", "1"]) == 0
-    rows = [r.split("\t") for r in (cli / "persons.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    rows = [list(r.values()) for r in converters.read_tsv(cli / "persons.tsv")]
     tested = {int(r[0]): int(r[3]) for r in rows if r[1] == "test"}
     assert len(tested) == 3
     assert sorted(int(n[:4]) for n in names(cli / QUERY)) == sorted(
@@ -390,7 +390,7 @@ def test_occluded_reid_is_test_only_probes_camera_1_whole_body_camera_2(tmp_path
     assert prepare.main(["--occluded_reid", str(src), str(out)]) == 0
     assert "query 6 images of 3 ids (camera 1), gallery 8 images of 4 ids (camera 2)" in capsys.readouterr().out
     assert digest(src) == before
-    assert sorted(p.name for p in out.iterdir()) == [GALLERY, QUERY, "sources.tsv"]   # no training folder
+    assert sorted(p.name for p in out.iterdir()) == [".awpcn-prepared", GALLERY, QUERY, "sources.tsv"]  # no training folder
     data = D.load_dataset(out, need=("query", "gallery"), **QUIET)
     assert sorted({p for _, p, _ in data.query}) == [1, 2, 3]
     assert sorted({p for _, p, _ in data.gallery}) == [1, 2, 3, 4]

@@ -215,7 +215,7 @@ def test_make_occluded_truth_matches_the_pixels(tmp_path):
     stats = O.make_occluded(src, out, fraction=0.5, seed=3, log=said.append)
     assert stats == {"queries": 10, "occluded": 5}
     assert said == [f"{out}: 10 queries (5 occluded), 6 gallery images from {src}"]
-    assert sorted(p.name for p in out.iterdir()) == [GALLERY, "occlusion.json", QUERY]
+    assert sorted(p.name for p in out.iterdir()) == [".awpcn-prepared", GALLERY, "occlusion.json", QUERY]
     meta = json.loads((out / "occlusion.json").read_text())
     assert meta["seed"] == 3 and meta["fraction"] == 0.5
     truth = meta["images"]
