@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import evaluate
+from inference import Extractor, add_eval_arguments, find_run
 from utils import FEATURES_FILE, UserError, add_run_arguments, cli, load_features, save_figure
 
 def rank_gallery(feats: dict, index: int, topk: int, weighting: str):
@@ -100,7 +101,6 @@ def search_figure_name(query) -> str:
 def run_search(args: argparse.Namespace) -> Path:
     """--query IMAGE --gallery DIR: rank the user's own images, print the list, draw it."""
     import search
-    from inference import Extractor, find_run
 
     if not (args.query and args.gallery) or args.query_index is not None:
         raise UserError("search your own images with --query IMAGE --gallery DIR together, without --query_index")
@@ -171,8 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batchsize", type=int, default=64, help="images per batch for --query/--gallery")
     ap.add_argument("--no_cache", action="store_true", help="do not read or write RUN/search_cache/")
     ap.add_argument("--topk", type=int, default=10)
-    ap.add_argument("--weighting", default=None, choices=["adaptive", "uniform"],
-                    help="weights for ranking (default: the run's)")
+    add_eval_arguments(ap, weighting_help="weights for ranking (default: the run's)", ap_formula=False, rerank=False)
     run_demo(ap.parse_args(argv))
     return 0
 

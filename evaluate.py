@@ -31,6 +31,11 @@ AP_FORMULAS = {
     "official": "official, Market-1501 trapezoid",
     "standard": "standard, mean precision at hits",
 }
+DEFAULT_AP = "official"
+# k-reciprocal re-ranking's settings (Zhong et al. 2017's): the defaults below and what every
+# tool says it re-ranked with.
+RERANK_K1, RERANK_K2, RERANK_LAMBDA = 20, 6, 0.3
+RERANK_SETTINGS = f"k1={RERANK_K1}, k2={RERANK_K2}, lambda={RERANK_LAMBDA}"
 # Elements of a (query chunk, G) block: bounds the evaluation's memory (x4 bytes per buffer).
 CHUNK_ELEMENTS = 1 << 25
 # A query whose prefix holds more than this fraction of the gallery is counted densely.
@@ -424,7 +429,7 @@ def _rows_per_chunk(g: int, chunk: int | None) -> int:
     return max(1, min(chunk, limit) if chunk else limit)
 
 
-def evaluate(dist, q_pids, g_pids, q_cams, g_cams, *, ap: str = "official", max_rank: int = 50,
+def evaluate(dist, q_pids, g_pids, q_cams, g_cams, *, ap: str = DEFAULT_AP, max_rank: int = 50,
              chunk: int | None = None) -> Result:
     """Metrics for a given distance matrix (e.g. after re-ranking).
 
@@ -446,7 +451,7 @@ def evaluate(dist, q_pids, g_pids, q_cams, g_cams, *, ap: str = "official", max_
     return acc.result()
 
 
-def evaluate_features(qf, qw, gf, gw, q_pids, g_pids, q_cams, g_cams, *, ap: str = "official",
+def evaluate_features(qf, qw, gf, gw, q_pids, g_pids, q_cams, g_cams, *, ap: str = DEFAULT_AP,
                       max_rank: int = 50, chunk: int | None = 256) -> Result:
     """Metrics straight from part features, never holding a full (Q,G) matrix.
 
@@ -497,7 +502,7 @@ def _check_rerank_args(k1: int, k2: int) -> None:
                          "or raise k1")
 
 
-def re_ranking(q_g, q_q, g_g, *, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+def re_ranking(q_g, q_q, g_g, *, k1: int = RERANK_K1, k2: int = RERANK_K2, lambda_value: float = RERANK_LAMBDA,
                max_items: int | None = None) -> torch.Tensor:
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017) of any distance.
 
@@ -589,7 +594,7 @@ def _min_overlap(vq: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
     return out.view(nq, ng)
 
 
-def rerank_features(qf, qw, gf, gw, *, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+def rerank_features(qf, qw, gf, gw, *, k1: int = RERANK_K1, k2: int = RERANK_K2, lambda_value: float = RERANK_LAMBDA,
                     max_items: int | None = None) -> torch.Tensor:
     """Re-ranked (Q,G) float32 distance from part features qf (Q,P,D), qw (Q,P), gf (G,P,D),
     gw (G,P): the three weighted-distance blocks, then :func:`re_ranking`. Refuses (before

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import datasets
 import evaluate
 from inference import Extractor, embed_batch, find_run, fuse_for_inference, load_model
-from utils import UserError, add_run_arguments, cli
+from utils import UserError, add_run_arguments, cli, run_data_dir
 
 TOL = 1e-4                  # max |Δemb|, |Δweights| between onnxruntime and PyTorch
 REAL_QUERIES, REAL_GALLERY = 8, 16
@@ -198,7 +198,7 @@ def _real_batches(images: str | None, opts: dict, height: int, width: int):
         (both,), notes = real_images([images], height, width, (REAL_QUERIES + REAL_GALLERY,))
         return both[:REAL_QUERIES], both[REAL_QUERIES:], notes
     try:
-        root, _ = datasets.resolve_root(opts.get("data_root") or opts.get("data_dir") or "")
+        root, _ = datasets.resolve_root(run_data_dir(opts) or "")
     except UserError as exc:
         empty = torch.empty(0, 3, height, width)
         return empty, empty, [f"the run's dataset: {exc}"]

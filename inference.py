@@ -1,4 +1,5 @@
-"""Using a trained AWPCN outside the scripts: conv+BN folding, model loading, an extractor.
+"""Using a trained AWPCN outside the scripts: conv+BN folding, model loading, the one
+feature-extraction loop (:func:`extract`) and an extractor built on it.
 
     from inference import Extractor
     ext = Extractor.from_run("model/market")      # opts.yaml + last.pt of a run
@@ -7,7 +8,9 @@
 
 :class:`Extractor` computes the numbers test.py computes for the same image: the same
 checkpoint loading (:func:`load_model`), decoding (``datasets.load_image``), resize and
-normalisation (``datasets.TestTransform``), folded network and flip TTA (:func:`embed_batch`).
+normalisation (``datasets.TestTransform``), folded network and flip TTA (:func:`embed_batch`),
+through the same loop (:func:`extract`); :func:`features_of` gives a dataset's query and
+gallery features in the layout features.pt holds.
 
 :func:`fuse_for_inference` folds every BatchNorm2d of the trunk into the convolution in
 front of it (``W' = W * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps) + beta``,
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,14 +34,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.data import DataLoader
 
 import datasets
 import evaluate
 from model import AWPCN, BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, build_model
 from utils import UserError, load_checkpoint, load_yaml, select_device
+from utils import progress as progress_bar
 
 __all__ = ["fuse_for_inference", "fuse_conv_bn_pairs", "find_run", "check_options", "load_options", "load_model",
-           "embed_batch", "Extractor"]
+           "add_eval_arguments", "embed_batch", "extract", "features_of", "Extractor"]
 
 
 def _pairs_in(module: nn.Module):
@@ -211,14 +216,29 @@ def load_model(run_dir: Path, which: str = "last") -> tuple[AWPCN, dict, dict]:
     return model, opts, ckpt
 
 
+# --------------------------------------------------------------------------- command lines
+def add_eval_arguments(ap, *, weighting_help: str, ap_formula: bool = True, rerank: bool = True) -> None:
+    """--weighting (model.WEIGHTINGS, default None: the run's own), and unless turned off --ap
+    (evaluate.AP_FORMULAS) and --rerank (at evaluate.RERANK_SETTINGS): the words every tool
+    that ranks a run's features uses. Here, not in utils.py next to add_run_arguments: the
+    words belong to model.py and evaluate.py, which import utils."""
+    ap.add_argument("--weighting", default=None, choices=WEIGHTINGS, help=weighting_help)
+    if ap_formula:
+        ap.add_argument("--ap", default=evaluate.DEFAULT_AP, choices=list(evaluate.AP_FORMULAS),
+                        help="official: Market-1501 trapezoid AP; standard: torchreid/fast-reid AP")
+    if rerank:
+        ap.add_argument("--rerank", action="store_true",
+                        help=f"also report k-reciprocal re-ranking ({evaluate.RERANK_SETTINGS})")
+
+
 # --------------------------------------------------------------------------- extraction
 def embed_batch(model: nn.Module, img: torch.Tensor, *, flip: bool = True, channels_last: bool = True,
                 amp_ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
     """img (B,3,H,W) normalised, on the model's device -> emb (B,P,D) float32, weights (B,P) float32.
 
     Flip TTA: the image and its mirror go through the network in one batch of 2B; their part
-    embeddings and weights are averaged. No grad handling here: callers run it under
-    ``torch.inference_mode`` (export.py traces it).
+    embeddings and weights are averaged. The body of :func:`extract`'s loop, and the graph
+    export.py traces; no grad handling here: callers run it under ``torch.inference_mode``.
     """
     n = img.shape[0]
     if flip:
@@ -243,6 +263,173 @@ def _describe(x) -> str:
     return f"a {type(x).__name__}"
 
 
+def _is_pil(x) -> bool:
+    from PIL import Image
+    return isinstance(x, Image.Image)
+
+
+def _as_items(images, bgr: bool, skip_bad: bool = False):
+    """-> ("tensor", (N,3,H,W) float tensor) or ("list", [item, ...]), types checked up front
+    (with ``skip_bad``, a missing path is left for the extraction to report as one bad item)."""
+    if isinstance(images, torch.Tensor):
+        x = images.unsqueeze(0) if images.dim() == 3 else images
+        if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
+            raise UserError(f"images: {_describe(images)}; expected a float tensor (N,3,H,W) with values in "
+                            "[0, 1] (uint8 pixels: divide by 255, or pass HxWx3 numpy arrays)")
+        if x.shape[0] and 0 in x.shape[2:]:
+            raise UserError(f"images: {_describe(images)}: {_EMPTY}")
+        if x.numel():
+            lo, hi = float(x.min()), float(x.max())
+            if not (0.0 <= lo and hi <= 1.0):   # also catches NaN
+                raise UserError(f"images: tensor values span [{lo:.4g}, {hi:.4g}]; expected unnormalised RGB "
+                                "in [0, 1] (the extractor normalises; undo any mean/std normalisation first)")
+        return "tensor", x[:, [2, 1, 0]] if bgr else x
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    elif isinstance(images, (str, os.PathLike, np.ndarray)) or _is_pil(images):
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise UserError(f"images: {_describe(images)}; expected a list of paths, PIL images or HxWx3 uint8 "
+                        "numpy arrays, or a float tensor (N,3,H,W) in [0, 1]")
+    for i, item in enumerate(images):
+        if isinstance(item, (str, os.PathLike)):
+            if not skip_bad and not Path(item).is_file():
+                raise UserError(f"images[{i}]: {item}: no such file")
+        elif isinstance(item, np.ndarray):
+            if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+                raise UserError(f"images[{i}]: {_describe(item)}; expected HxWx3 uint8 (RGB, or BGR with "
+                                "bgr=True)")
+            if 0 in item.shape:
+                raise UserError(f"images[{i}]: {_describe(item)}: {_EMPTY}")
+        elif _is_pil(item):
+            if 0 in item.size:
+                raise UserError(f"images[{i}]: PIL image of size {item.size[0]}x{item.size[1]}: {_EMPTY}")
+        else:
+            raise UserError(f"images[{i}]: {_describe(item)}; expected a path, a PIL image or an HxWx3 "
+                            "uint8 numpy array")
+    return "list", list(images)
+
+
+class _Images(torch.utils.data.Dataset):
+    """List items -> (3,H,W) normalised as ``datasets.TestTransform`` makes them (the numbers of
+    every extraction, whoever asks), or, with ``skip_bad``, the reason an item cannot be read."""
+
+    def __init__(self, items: list, transform: datasets.TestTransform, bgr: bool, skip_bad: bool):
+        self.items, self.transform, self.bgr, self.skip_bad = items, transform, bgr, skip_bad
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        try:
+            return self._tensor(i, self.items[i]), None
+        except UserError as exc:
+            if not self.skip_bad:
+                raise
+            return None, (i, str(exc))
+
+    def _tensor(self, i: int, item) -> torch.Tensor:
+        if isinstance(item, (str, os.PathLike)):
+            if not Path(item).is_file():
+                raise UserError(f"images[{i}]: {item}: no such file")
+            img = datasets.load_image(item)
+        elif isinstance(item, np.ndarray):
+            from PIL import Image
+            img = Image.fromarray(np.ascontiguousarray(item[:, :, ::-1] if self.bgr else item), "RGB")
+        else:
+            try:
+                img = datasets.to_rgb(item)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"images[{i}]: PIL image ({item.mode}, {item.size}) cannot be decoded: {exc}") from None
+        return self.transform.to_tensor(img)
+
+
+def _stack(rows) -> tuple[torch.Tensor | None, list, int]:
+    """DataLoader collate of :class:`_Images` rows: (the good ones stacked or None, [(index,
+    reason)] of the bad ones, how many items the batch covered)."""
+    good = [x for x, _ in rows if x is not None]
+    return (torch.stack(good) if good else None), [bad for _, bad in rows if bad is not None], len(rows)
+
+
+def _tensor_batches(x: torch.Tensor, transform: datasets.TestTransform, batch_size: int, device):
+    """Batches of a float tensor in [0, 1], resized to the transform's size and normalised."""
+    width, height = transform.size
+    for s in range(0, x.shape[0], batch_size):
+        b = x[s:s + batch_size].to(device, torch.float32)
+        if tuple(b.shape[2:]) != (height, width):
+            b = F.interpolate(b, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        # The same arithmetic as TestTransform on 0..255 pixels.
+        yield (b * 255).sub_(transform.mean.to(b.device)).div_(transform.std.to(b.device)), [], b.shape[0]
+
+
+@torch.inference_mode()
+def extract(net: nn.Module, images, height: int, width: int, *, device, batch_size: int = 64, workers: int = 0,
+            flip: bool = True, amp: bool = False, bgr: bool = False, skip_bad: bool = False,
+            progress: bool | None = None, desc: str = "extract") -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The one feature-extraction loop: test.py, the benchmarks and :class:`Extractor` all run it.
+
+    ``net``: an AWPCN as :func:`fuse_for_inference` returns it (eval mode, channels_last), on
+    ``device``. ``images``: what :class:`Extractor` takes (image paths, PIL images, HxWx3 uint8
+    arrays, a float tensor in [0, 1]). Images are decoded and resized to ``height`` x ``width``
+    (``workers`` loader processes; 0 = in this process, the only choice for in-memory images),
+    ``batch_size`` at a time, through :func:`embed_batch` (flip TTA unless ``flip=False``;
+    ``amp``: fp16 autocast on CUDA, bf16 on CPU).
+
+    Returns (emb (N,P,D) float32, weights (N,P) float32, bad) on the CPU. A bad item (a path
+    that is not an image, a wrong type) is a UserError naming it; with ``skip_bad`` an
+    undecodable or missing file is left out instead and listed in ``bad`` as (index, reason).
+    ``progress``: a bar (None: on a terminal, when there is more than one batch to wait for).
+    """
+    kind, items = _as_items(images, bgr, skip_bad)
+    device = torch.device(device)
+    transform = datasets.TestTransform(height, width)
+    if kind == "tensor":
+        batches = _tensor_batches(items, transform, batch_size, device)
+    else:
+        batches = DataLoader(_Images(items, transform, bgr, skip_bad), batch_size=batch_size, shuffle=False,
+                             num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_stack)
+    amp_ctx = (torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+               if amp else nullcontext())
+    if progress is None and len(items) <= batch_size:
+        progress = False
+    embs, weights, bad = [], [], []
+    with progress_bar(desc=desc, total=len(items), unit="img", show=progress) as bar:
+        for x, bad_rows, count in batches:
+            bad += bad_rows
+            if x is not None:
+                emb, w = embed_batch(net, x.to(device, non_blocking=True), flip=flip, channels_last=True,
+                                     amp_ctx=amp_ctx)
+                embs.append(emb.cpu())
+                weights.append(w.cpu())
+            bar.update(count)
+    if not embs:
+        return torch.empty(0, net.parts, net.embed_dim), torch.empty(0, net.parts), bad
+    return torch.cat(embs), torch.cat(weights), bad
+
+
+def features_of(model: AWPCN, opts: dict, data, *, device, batchsize: int = 128, workers: int = 2,
+                flip: bool = True, amp: bool = False) -> tuple[dict, float]:
+    """Query and gallery features of an in-memory model on ``data`` (a datasets.ReIDData), in
+    the layout features.pt holds (without the run's name, checkpoint and epoch), and the
+    extraction seconds. ``model`` is moved to ``device``, its weights left as they are (a folded
+    copy extracts)."""
+    # Folded conv+BN and channels_last: the faster network (docs/performance.md, bench/extract_speed.py).
+    net = fuse_for_inference(model.to(device))
+    kw = dict(device=device, batch_size=batchsize, workers=workers, flip=flip, amp=amp)
+    t0 = time.perf_counter()
+    qf, qw, _ = extract(net, [p for p, _, _ in data.query], opts["height"], opts["width"], desc="query", **kw)
+    gf, gw, _ = extract(net, [p for p, _, _ in data.gallery], opts["height"], opts["width"], desc="gallery", **kw)
+    t_extract = time.perf_counter() - t0
+    features = {
+        "data_root": str(data.root), "parts": int(opts["parts"]), "weighting": opts.get("weighting", "adaptive"),
+        "query": {"emb": qf, "weights": qw, "pids": torch.tensor([p for _, p, _ in data.query]),
+                  "cams": torch.tensor([c for _, _, c in data.query]), "paths": [p for p, _, _ in data.query]},
+        "gallery": {"emb": gf, "weights": gw, "pids": torch.tensor([p for _, p, _ in data.gallery]),
+                    "cams": torch.tensor([c for _, _, c in data.gallery]), "paths": [p for p, _, _ in data.gallery]},
+    }
+    return features, t_extract
+
+
 class Extractor:
     """Part embeddings and weights of your own images with a trained AWPCN run.
 
@@ -255,13 +442,14 @@ class Extractor:
     * a float tensor (N,3,H,W) or (3,H,W) in [0, 1], RGB (``bgr=True`` swaps the channels).
 
     Images are resized to the run's input size, normalised, batched ``batch_size`` at a time
-    and run without grad through the folded network (flip TTA unless ``flip=False``). Paths,
-    PIL images and numpy arrays give test.py's numbers for the same image (same decoding, PIL
-    bilinear resize, normalisation and network; batched differently, they differ by float
-    rounding, ~1e-7); so does a tensor at the run's size (it is scaled by 255 in float). A
-    tensor of another size is resized with torch's antialiased bilinear interpolation, close
-    to PIL's but not identical. Bad input (wrong type, dtype, shape, value range, a path that is
-    not an image) is a :class:`utils.UserError` naming the item.
+    and run without grad through the folded network (flip TTA unless ``flip=False``), by
+    :func:`extract`, the loop test.py runs. Paths, PIL images and numpy arrays give test.py's
+    numbers for the same image (same decoding, PIL bilinear resize, normalisation and network;
+    batched differently, they differ by float rounding, ~1e-7); so does a tensor at the run's
+    size (it is scaled by 255 in float). A tensor of another size is resized with torch's
+    antialiased bilinear interpolation, close to PIL's but not identical. Bad input (wrong type,
+    dtype, shape, value range, a path that is not an image) is a :class:`utils.UserError`
+    naming the item.
     """
 
     def __init__(self, model: AWPCN, height: int, width: int, *, device="cpu", flip: bool = True,
@@ -275,7 +463,6 @@ class Extractor:
         self.run_dir = self.which = self.epoch = self.opts = None      # set by from_run
         # The network test.py runs: conv+BN folded, channels_last (bench/extract_speed.py).
         self.model = fuse_for_inference(model.to(self.device))
-        self.transform = datasets.TestTransform(self.height, self.width)
         # What determines the numbers this extractor produces (e.g. for a feature cache key).
         self.identity = {"height": self.height, "width": self.width, "flip": self.flip, **(identity or {})}
 
@@ -293,77 +480,11 @@ class Extractor:
         ext.run_dir, ext.which, ext.epoch, ext.opts = run_dir, which, ident["epoch"], opts
         return ext
 
-    # ------------------------------------------------------------------ inputs
-    def _items(self, images, bgr: bool, skip_bad: bool = False):
-        """-> ("tensor", (N,3,H,W) float tensor) or ("list", [item, ...]), types checked up front
-        (with ``skip_bad``, a missing path is left for the extraction to report as one bad item)."""
-        if isinstance(images, torch.Tensor):
-            x = images.unsqueeze(0) if images.dim() == 3 else images
-            if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
-                raise UserError(f"images: {_describe(images)}; expected a float tensor (N,3,H,W) with values in "
-                                "[0, 1] (uint8 pixels: divide by 255, or pass HxWx3 numpy arrays)")
-            if x.shape[0] and 0 in x.shape[2:]:
-                raise UserError(f"images: {_describe(images)}: {_EMPTY}")
-            if x.numel():
-                lo, hi = float(x.min()), float(x.max())
-                if not (0.0 <= lo and hi <= 1.0):   # also catches NaN
-                    raise UserError(f"images: tensor values span [{lo:.4g}, {hi:.4g}]; expected unnormalised RGB "
-                                    "in [0, 1] (the extractor normalises; undo any mean/std normalisation first)")
-            return "tensor", x[:, [2, 1, 0]] if bgr else x
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
-        elif isinstance(images, (str, os.PathLike, np.ndarray)) or _is_pil(images):
-            images = [images]
-        if not isinstance(images, (list, tuple)):
-            raise UserError(f"images: {_describe(images)}; expected a list of paths, PIL images or HxWx3 uint8 "
-                            "numpy arrays, or a float tensor (N,3,H,W) in [0, 1]")
-        for i, item in enumerate(images):
-            if isinstance(item, (str, os.PathLike)):
-                if not skip_bad and not Path(item).is_file():
-                    raise UserError(f"images[{i}]: {item}: no such file")
-            elif isinstance(item, np.ndarray):
-                if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
-                    raise UserError(f"images[{i}]: {_describe(item)}; expected HxWx3 uint8 (RGB, or BGR with "
-                                    "bgr=True)")
-                if 0 in item.shape:
-                    raise UserError(f"images[{i}]: {_describe(item)}: {_EMPTY}")
-            elif _is_pil(item):
-                if 0 in item.size:
-                    raise UserError(f"images[{i}]: PIL image of size {item.size[0]}x{item.size[1]}: {_EMPTY}")
-            else:
-                raise UserError(f"images[{i}]: {_describe(item)}; expected a path, a PIL image or an HxWx3 "
-                                "uint8 numpy array")
-        return "list", list(images)
-
-    def _item_tensor(self, i: int, item, bgr: bool) -> torch.Tensor:
-        """One list item -> (3,H,W) normalised, as test.py's data loader makes it."""
-        if isinstance(item, (str, os.PathLike)):
-            if not Path(item).is_file():
-                raise UserError(f"images[{i}]: {item}: no such file")
-            img = datasets.load_image(item)
-        elif isinstance(item, np.ndarray):
-            from PIL import Image
-            img = Image.fromarray(np.ascontiguousarray(item[:, :, ::-1] if bgr else item), "RGB")
-        else:
-            try:
-                img = datasets.to_rgb(item)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"images[{i}]: PIL image ({item.mode}, {item.size}) cannot be decoded: {exc}") from None
-        return self.transform.to_tensor(img)
-
-    def _tensor_batch(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, torch.float32)
-        if tuple(x.shape[2:]) != (self.height, self.width):
-            x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False,
-                              antialias=True)
-        # The same arithmetic as TestTransform on 0..255 pixels.
-        return (x * 255).sub_(self.transform.mean.to(x.device)).div_(self.transform.std.to(x.device))
-
-    # ------------------------------------------------------------------ extraction
     def __call__(self, images, *, bgr: bool = False, progress: bool | None = None,
                  desc: str = "extract") -> tuple[torch.Tensor, torch.Tensor]:
         """images -> (emb (N,P,D) float32, weights (N,P) float32), CPU tensors; see the class doc."""
-        emb, w, _bad = self._extract(images, bgr=bgr, progress=progress, desc=desc, skip_bad=False)
+        emb, w, _bad = extract(self.model, images, self.height, self.width, device=self.device,
+                               batch_size=self.batch_size, flip=self.flip, bgr=bgr, progress=progress, desc=desc)
         return emb, w
 
     def extract_files(self, paths, *, progress: bool | None = None, desc: str = "extract"):
@@ -372,41 +493,8 @@ class Extractor:
         Returns (emb (M,P,D), weights (M,P), bad [(index into paths, reason)]): the rows are
         the paths not in ``bad``, in order.
         """
-        return self._extract([str(p) for p in paths], bgr=False, progress=progress, desc=desc, skip_bad=True)
-
-    @torch.inference_mode()
-    def _extract(self, images, *, bgr, progress, desc, skip_bad):
-        from tqdm import tqdm
-
-        kind, items = self._items(images, bgr, skip_bad)
-        n = len(items)
-        if progress is None:
-            progress = sys.stderr.isatty() and n > self.batch_size
-        embs, weights, bad = [], [], []
-        with tqdm(total=n, desc=desc, unit="img", leave=False, dynamic_ncols=True, mininterval=1.0,
-                  disable=not progress) as bar:
-            for s in range(0, n, self.batch_size):
-                chunk = items[s:s + self.batch_size]
-                if kind == "tensor":
-                    x = self._tensor_batch(chunk)
-                else:
-                    rows = []
-                    for i, item in enumerate(chunk, start=s):
-                        try:
-                            rows.append(self._item_tensor(i, item, bgr))
-                        except UserError as exc:
-                            if not skip_bad:
-                                raise
-                            bad.append((i, str(exc)))
-                    x = torch.stack(rows).to(self.device) if rows else None
-                if x is not None:
-                    emb, w = embed_batch(self.model, x, flip=self.flip, channels_last=True)
-                    embs.append(emb.cpu())
-                    weights.append(w.cpu())
-                bar.update(len(chunk))
-        if not embs:
-            return torch.empty(0, self.parts, self.embed_dim), torch.empty(0, self.parts), bad
-        return torch.cat(embs), torch.cat(weights), bad
+        return extract(self.model, [str(p) for p in paths], self.height, self.width, device=self.device,
+                       batch_size=self.batch_size, flip=self.flip, skip_bad=True, progress=progress, desc=desc)
 
     def distance(self, a, b, *, weighting: str = "adaptive") -> torch.Tensor:
         """Weighted part distance (``evaluate.weighted_distance``) between two ``ext(...)`` results.
@@ -429,8 +517,3 @@ class Extractor:
                             f"extractor gives P={self.parts}, D={self.embed_dim})")
         qw, gw = evaluate.weights_for(weighting, a[1], b[1])
         return evaluate.weighted_distance(a[0], qw, b[0], gw)
-
-
-def _is_pil(x) -> bool:
-    from PIL import Image
-    return isinstance(x, Image.Image)

@@ -30,9 +30,10 @@ from PIL import Image
 
 import datasets
 import evaluate
-from inference import check_options, load_options
+from inference import add_eval_arguments, check_options, load_options
+from model import WEIGHTINGS
 from utils import (FEATURES_FILE, UserError, add_run_arguments, atomic_write_text, cli, load_features, load_yaml,
-                   same_dataset)
+                   run_data_dir, same_dataset)
 
 REPORT_FILE = "report.html"
 WORST = 30          # failures shown
@@ -364,7 +365,7 @@ def _run_options(run_dir: Path, which: str) -> dict:
     return opts
 
 
-def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap: str = "official",
+def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap: str = evaluate.DEFAULT_AP,
                  rerank: bool = False, out: str | os.PathLike | None = None,
                  known: dict | None = None) -> Path:
     """Write RUN/report.html (or ``out``) from RUN/features.pt and return its path.
@@ -386,7 +387,7 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
     q, g = feats["query"], feats["gallery"]
     run_weighting = feats.get("weighting", "adaptive")
     primary = weighting or run_weighting
-    weightings = ["adaptive", "uniform"] if "adaptive" in (run_weighting, primary) else ["uniform"]
+    weightings = list(WEIGHTINGS) if "adaptive" in (run_weighting, primary) else ["uniform"]
     cols = evaluate_columns(feats, weightings, ap=ap, rerank=rerank, known=known)
     main_col = cols[weightings.index(primary)]
     pq = main_col.plain.per_query
@@ -397,7 +398,7 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
     thumbs = Thumbnails()
 
     # ---- header
-    trained_on = opts.get("data_root") or opts.get("data_dir")
+    trained_on = run_data_dir(opts)
     if not trained_on:
         sets_note = '<span class="warn">training set unknown (no opts.yaml data_root)</span>'
     elif same_dataset(trained_on, test_root):
@@ -536,11 +537,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Write RUN/report.html from the features test.py saved.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arguments(ap, which=None)
-    ap.add_argument("--weighting", default=None, choices=["adaptive", "uniform"],
-                    help="weights the failure lists rank with (default: the run's); both are always evaluated")
-    ap.add_argument("--ap", default="official", choices=list(evaluate.AP_FORMULAS),
-                    help="official: Market-1501 trapezoid AP; standard: torchreid/fast-reid AP")
-    ap.add_argument("--rerank", action="store_true", help="also k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
+    add_eval_arguments(ap, weighting_help="weights the failure lists rank with (default: the run's); both are "
+                                          "always evaluated")
     ap.add_argument("--out", default=None, help="output file (default: RUNS_DIR/NAME/report.html)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -22,7 +22,6 @@ On a dataset with occlusion.json (the synthetic set) the same split is made on i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
+import results  # noqa: E402
 import train  # noqa: E402
 from utils import UserError, atomic_write_text, cli, load_checkpoint, load_yaml, save_figure  # noqa: E402
 
@@ -44,14 +44,6 @@ VARIANTS = {
     "awpcn": ["--parts", "6", "--weighting", "adaptive"],
 }
 METRICS = ("rank1", "rank5", "mAP", "mINP")
-
-
-def _test_module():
-    # test.py by path: "import test" could find the standard library's test package.
-    spec = importlib.util.spec_from_file_location("awpcn_test_py", REPO / "test.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # A stripe is "occluded" when at least half of it is hidden and "visible" when under 5 % is;
@@ -212,23 +204,21 @@ def _finished_history(run_dir: Path, opts: dict) -> list | None:
     if not (run_dir / "last.pt").is_file() or not (run_dir / "opts.yaml").is_file():
         return None
     stored = load_yaml(run_dir / "opts.yaml")
-    runtime = {"workers", "device", "overwrite", "resume", "given", "runs_dir", "data_root", "num_classes",
-               "save_every"}
     # An option newer than the run counts as given at its default (a run from before
     # --invariance existed is a run without it).
     defaults = vars(train.build_parser().parse_args([]))
-    if not all(stored.get(k, defaults.get(k)) == v for k, v in opts.items() if k not in runtime):
+    if not all(stored.get(k, defaults.get(k)) == v for k, v in opts.items() if k not in train.RUNTIME):
         return None
     ckpt = load_checkpoint(run_dir / "last.pt")
     return ckpt["history"] if int(ckpt["epoch"]) == int(opts["epochs"]) else None
 
 
-def _test(test_mod, name: str, runs_dir: Path, workers: int, *extra: str) -> tuple[dict, dict]:
+def _test(name: str, runs_dir: Path, workers: int, *extra: str) -> tuple[dict, dict]:
     """test.py on the run (the learned weighting): its metrics, and the features they came
     from, so that other weightings are evaluated without extracting again."""
-    args = test_mod.build_parser().parse_args(["--name", name, "--runs_dir", str(runs_dir),
-                                               "--workers", str(workers), *extra])
-    out = test_mod.run_test(args)
+    args = results.build_parser().parse_args(["--name", name, "--runs_dir", str(runs_dir),
+                                              "--workers", str(workers), *extra])
+    out = results.run_test(args)
     return {m: float(out["plain"][m]) for m in METRICS}, out["features"]
 
 
@@ -242,15 +232,15 @@ def _bench_done(rec: dict | None, opts: dict) -> bool:
     return opts["weighting"] != "adaptive" or "clean_mean_abs_deviation" in rec.get("weights", {})
 
 
-def _test_features(test_mod, name: str, runs_dir: Path, workers: int, data_dir: str) -> dict:
+def _test_features(name: str, runs_dir: Path, workers: int, data_dir: str) -> dict:
     """Features of the run on ``data_dir``; nothing of the run's (features.pt, cmc.png,
     result.txt: its test split's) is touched."""
-    args = test_mod.build_parser().parse_args(["--name", name, "--runs_dir", str(runs_dir), "--workers",
-                                               str(workers), "--data_dir", str(data_dir)])
-    return test_mod.compute_features(args)[2]
+    args = results.build_parser().parse_args(["--name", name, "--runs_dir", str(runs_dir), "--workers",
+                                              str(workers), "--data_dir", str(data_dir)])
+    return results.compute_features(args)[2]
 
 
-def run_one(variant: str, seed: int, args, test_mod) -> dict:
+def run_one(variant: str, seed: int, args) -> dict:
     name = f"{variant}_s{seed}"
     runs_dir = Path(args.out) / "runs"
     done = runs_dir / name / "bench.json"
@@ -275,22 +265,22 @@ def run_one(variant: str, seed: int, args, test_mod) -> dict:
             record["vis_mae"] = [round(h["vis_mae"], 4) for h in hist]
     adaptive = variant == "awpcn"
     if opts["val_ids"] and "val" not in record:
-        record["val"], feats = _test(test_mod, name, runs_dir, args.workers, "--split", "val")
+        record["val"], feats = _test(name, runs_dir, args.workers, "--split", "val")
         if adaptive:
             # The part embeddings do not depend on the weighting: only the weights are replaced.
             record["val_uniform"] = metrics_from_features(feats, "uniform")
     if args.val_occluded and not _bench_done(record.get("val_occ"), opts):
-        feats = _test_features(test_mod, name, runs_dir, args.workers, args.val_occluded)
+        feats = _test_features(name, runs_dir, args.workers, args.val_occluded)
         record["val_occ"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.val_occluded), opts,
                                                 str(args.val_occluded),
                                                 originals_of(feats, args.val_occluded, runs_dir / name))
     if (args.final or not opts["val_ids"]) and args.occluded and not _bench_done(record.get("occ_bench"), opts):
-        feats = _test_features(test_mod, name, runs_dir, args.workers, args.occluded)
+        feats = _test_features(name, runs_dir, args.workers, args.occluded)
         record["occ_bench"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.occluded), opts,
                                                   str(args.occluded),
                                                   originals_of(feats, args.occluded, runs_dir / name))
     if (args.final or not opts["val_ids"]) and "learned" not in record:
-        record["learned"], feats = _test(test_mod, name, runs_dir, args.workers)
+        record["learned"], feats = _test(name, runs_dir, args.workers)
         if adaptive:
             record["uniform_at_test"] = metrics_from_features(feats, "uniform")
         truth = datasets.occlusion_truth(feats["data_root"])
@@ -314,9 +304,10 @@ def _train_settings(preset: str, train_args: list[str]) -> dict:
     return opts
 
 
-# Options that say where a run lives or how fast it ran, not what it learned.
-_NOT_TRAINING = {"data_dir", "data_root", "runs_dir", "name", "seed", "overwrite", "resume", "device", "workers",
-                 "save_every", "num_classes", "preset"}
+# Options that say where a run lives or how fast it ran, not what it learned (train.RUNTIME),
+# and those the bench sets per run itself: the dataset and seed are its own arguments, and a
+# preset only supplies values that are compared one by one.
+_NOT_TRAINING = train.RUNTIME | {"data_dir", "seed", "preset"}
 
 
 def _made_with(record: dict, args, run_dir: Path | None = None) -> bool:
@@ -484,7 +475,7 @@ def _bench_section(records: list[dict], key: str, title: str) -> list[str]:
 def markdown(records: list[dict], args) -> str:
     flags = f" {' '.join(args.train_args)}" if args.train_args else ""
     out = [f"Dataset `{args.data_dir}`, preset `{args.preset}`{flags}; mean ± std over the seeds listed, "
-           "AP formula: official.", ""]
+           f"AP formula: {evaluate.DEFAULT_AP}.", ""]
     if any("val" in r for r in records):
         out += ["**validation split (ids held out of training; what settings are chosen on)**", ""]
         out += _table(records, [(label.replace("at test", "at validation"), v,
@@ -590,12 +581,11 @@ def main(argv=None) -> int:
             raise UserError(f"{args.out}: no finished run made with preset {args.preset!r} and train.py flags "
                             f"{args.train_args}; run without --report first")
     else:
-        test_mod = _test_module()
         records = []
         for seed in args.seeds:
             for variant in args.variants:
                 print(f"=== {variant} seed {seed}", flush=True)
-                records.append(run_one(variant, seed, args, test_mod))
+                records.append(run_one(variant, seed, args))
     text = markdown(records, args)
     atomic_write_text(Path(args.out) / "results.md", text)
     atomic_write_text(Path(args.out) / "results.json", json.dumps(records, indent=1))

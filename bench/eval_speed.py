@@ -239,10 +239,10 @@ def main(argv=None) -> int:
         if not args.rerank_only:
             big = args.gallery > 100_000
             market = (args.queries, args.gallery) == (3368, 15913)
-            modes = ["total_official"] if big else ["distance", "metrics_official", "metrics_standard",
-                                                    "total_official", "total_standard"]
+            modes = ([f"total_{evaluate.DEFAULT_AP}"] if big else
+                     ["distance", *(f"{kind}_{ap}" for kind in ("metrics", "total") for ap in evaluate.AP_FORMULAS)])
             rows = {m: measure(args, m, diff) for m in modes}
-            official = next(r for r in rows.values() if r.get("ap") == "official")
+            official = next(r for r in rows.values() if r.get("ap") == evaluate.DEFAULT_AP)
             print(f"{'':18s} {'ours s':>8s} {'peak GiB':>9s}   {'problem':26s} reference")
             for m, r in rows.items():
                 print(f"{m:18s} {r['median']:8.3f} {r['peak_gib']:9.3f}   {_r1_map(r if 'ap' in r else official):26s} "

@@ -12,15 +12,15 @@ activations have trained-like scale), in-memory batch (no data loading). Variant
   PCB reference, plain   bench/pcb_reference.py, the classic way: ``torch.no_grad``, default
                          (NCHW) memory format, two separate forward passes per batch (image,
                          then mirror), the two 6x2048 pooled features summed.
-  AWPCN, NCHW            test.py ``extract``'s loop body as test.py runs it by default (it
-                         takes channels_last from the run's opts.yaml, default off):
-                         ``torch.inference_mode``, image + mirror in one batch of 2B, part
-                         embeddings and weights averaged.
+  AWPCN, NCHW            the extraction loop's body (``inference.embed_batch``) in the
+                         default memory format: ``torch.inference_mode``, image + mirror in
+                         one batch of 2B, part embeddings and weights averaged.
   AWPCN, channels_last   the same with model and batch in channels_last.
-  AWPCN, fused           ``inference.fuse_for_inference``: conv+BN folded, channels_last.
+  AWPCN, fused           ``inference.fuse_for_inference``: conv+BN folded, channels_last
+                         (what ``inference.extract`` runs, for test.py and Extractor alike).
   AWPCN, jit (--jit)     torch.jit.trace + freeze + optimize_for_inference, for comparison.
   AWPCN, torch.compile   (--compile) inductor with ``freezing=True``, channels_last; the
-                         compilation (~30-60 s here) is paid once per input shape.
+                         compilation (timed and printed) is paid once per input shape.
 
 Variants are interleaved (order rotating each round) so the drift of a shared machine hits
 all alike; figures are medians over rounds, ratios medians of per-round paired ratios.
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from inference import fuse_for_inference  # noqa: E402
+from inference import embed_batch, fuse_for_inference  # noqa: E402
 from model import BACKBONES, AWPCN  # noqa: E402
 from pcb_reference import PCBReference  # noqa: E402
 
@@ -89,15 +89,9 @@ def pcb_plain(model, img):
 
 
 def awpcn_extract(model, img, channels_last: bool):
-    """test.py ``extract``'s loop body: image + mirror in one batch, outputs averaged."""
+    """One batch as ``inference.extract`` runs it (image + mirror in one batch, outputs averaged)."""
     with torch.inference_mode():
-        n = img.shape[0]
-        x = torch.cat([img, img.flip(3)])
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        emb, w = model(x)
-        emb, w = emb.float(), w.float()
-        return (emb[:n] + emb[n:]) / 2, (w[:n] + w[n:]) / 2
+        return embed_batch(model, img, flip=True, channels_last=channels_last)
 
 
 def jit_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -164,7 +158,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--jit", action="store_true", help="also time torch.jit freeze + optimize_for_inference")
     ap.add_argument("--compile", action="store_true",
-                    help="also time torch.compile (inductor, freezing); needs a C++ compiler, ~30-60 s to compile")
+                    help="also time torch.compile (inductor, freezing); needs a C++ compiler (the compilation time is "
+                         "printed)")
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast vs fp32 on a small batch")
     ap.add_argument("--bf16_batch", type=int, default=4)
     ap.add_argument("--onnx", action="store_true",

@@ -34,17 +34,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import datasets  # noqa: E402
 import train  # noqa: E402
-from inference import load_model  # noqa: E402
+from inference import features_of, load_model  # noqa: E402
 from losses import cell_visibility, stripe_visibility  # noqa: E402
 from model import visibility_to_weights  # noqa: E402
-from utils import UserError, atomic_write_text, cli, seed_everything  # noqa: E402
+from utils import UserError, atomic_write_text, cli, progress, run_data_dir, seed_everything  # noqa: E402
 
 
 @functools.cache
@@ -69,7 +68,7 @@ def augmented_set(model, data, opts: dict, passes: int, seed: int) -> tuple[torc
     torch.manual_seed(seed)
     maps, vis = [], []
     items = data.train * passes
-    for start in tqdm(range(0, len(items), 128), desc="trunk maps", mininterval=5.0):
+    for start in progress(range(0, len(items), 128), desc="trunk maps"):
         chunk = [t(datasets.load_image(p), label) for p, label, _ in items[start:start + 128]]
         maps.append(trunk_maps(model, torch.stack([x for x, _ in chunk])))
         vis.append(torch.stack([v for _, v in chunk]).half())
@@ -122,7 +121,7 @@ def ranked_with_head(model, opts: dict, head, occluded: str) -> dict:
     model = copy.deepcopy(model)
     model.vis_conv.load_state_dict(head.state_dict())
     data = datasets.load_dataset(occluded, need=("query", "gallery"))
-    feats = bench._test_module().features_of(model, opts, data, device=torch.device("cpu"), workers=0)[0]
+    feats = features_of(model, opts, data, device=torch.device("cpu"), workers=0)[0]
     return bench.occlusion_benchmark(feats, datasets.occlusion_truth(occluded), opts, occluded)
 
 
@@ -135,7 +134,7 @@ def run(args) -> dict:
     if not opts.get("val_ids"):
         raise UserError(f"{run_dir}: trained without --val_ids; the probe needs held-out validation ids")
     seed_everything(args.seed)
-    data = datasets.load_dataset(opts.get("data_root") or opts["data_dir"])
+    data = datasets.load_dataset(run_data_dir(opts))
     data, val = datasets.carve_validation(data, opts["val_ids"])
     probe_x, probe_vis = train.visibility_probe(val, opts)
     probe_maps = trunk_maps(model, probe_x)

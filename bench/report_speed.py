@@ -32,7 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import evaluate  # noqa: E402
 import report  # noqa: E402
+from model import WEIGHTINGS  # noqa: E402
 from utils import load_features, save_features, save_yaml  # noqa: E402
 
 RUN = "report_bench"
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         runs["total"].append(t)
         feats, t = timed(lambda: load_features(run_dir))
         runs["load"].append(t)
-        cols, t = timed(lambda: report.evaluate_columns(feats, ["adaptive", "uniform"], ap="official", rerank=False))
+        cols, t = timed(lambda: report.evaluate_columns(feats, list(WEIGHTINGS), ap=evaluate.DEFAULT_AP, rerank=False))
         runs["eval"].append(t)
         known = {(c.weighting, False): c.plain for c in cols}
         del feats

@@ -53,7 +53,7 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     # Features on another set (an occlusion benchmark) leave the run's own test results alone.
     run = out / "runs" / "pcb_s0"
     kept = {f: (run / f).read_bytes() for f in ("result.txt", "cmc.png", "features.pt")}
-    feats = bench._test_features(bench._test_module(), "pcb_s0", out / "runs", 0, str(synthetic_dir))
+    feats = bench._test_features("pcb_s0", out / "runs", 0, str(synthetic_dir))
     assert feats["query"]["emb"].shape[1] == 6 and len(feats["query"]["paths"]) == len(feats["query"]["pids"])
     assert {f: (run / f).read_bytes() for f in kept} == kept
     # ...but never one made with other flags,
@@ -77,10 +77,10 @@ def test_validation_uniform_weighting_reuses_the_learned_runs_features(synthetic
     assert bench.main(["--data_dir", str(synthetic_dir), "--out", str(out), "--workers", "0", "--seeds", "0",
                        "--variants", "awpcn", *TINY, "--val_ids", "0.3"]) == 0
     record = json.loads((out / "runs" / "awpcn_s0" / "bench.json").read_text())
-    test_mod = bench._test_module()
-    args = test_mod.build_parser().parse_args(["--name", "awpcn_s0", "--runs_dir", str(out / "runs"), "--workers",
-                                               "0", "--split", "val", "--weighting", "uniform"])
-    alone = test_mod.run_test(args)["plain"]
+    import results
+    args = results.build_parser().parse_args(["--name", "awpcn_s0", "--runs_dir", str(out / "runs"), "--workers",
+                                              "0", "--split", "val", "--weighting", "uniform"])
+    alone = results.run_test(args)["plain"]
     assert record["val_uniform"] == pytest.approx({m: float(alone[m]) for m in bench.METRICS}, abs=1e-6)
 
 

@@ -14,7 +14,7 @@ import demo
 import evaluate
 import search
 import train
-from inference import Extractor
+from inference import Extractor, load_model
 from test_pipeline import test_mod, tiny_opts
 from utils import UserError
 
@@ -71,7 +71,7 @@ def test_extractor_gives_test_py_features_for_every_input_kind(run, ext):
     cos = torch.nn.functional.cosine_similarity(ext(big)[0], ref_e, dim=-1)
     assert cos.min() > 0.9, cos.min()
     # Batching does not change the numbers.
-    model, _opts, _ckpt = test_mod.load_model(run)
+    model, _opts, _ckpt = load_model(run)
     same(Extractor(model, 64, 32, device="cpu", batch_size=2)(paths))
     empty_e, empty_w = ext([])
     assert empty_e.shape == (0, 4, 32) and empty_w.shape == (0, 4)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import demo
+import inference
 import train
 from utils import UserError, load_checkpoint, load_yaml
 
@@ -189,7 +190,7 @@ def test_checkpoint_from_another_model_is_named(trained, tmp_path):
     from utils import save_yaml
     save_yaml(other / "opts.yaml", opts)
     with pytest.raises(UserError) as err:
-        test_mod.load_model(other)
+        inference.load_model(other)
     msg = str(err.value)
     assert "disagrees with last.pt" in msg and "parts is 6 in opts.yaml but 4 in the checkpoint" in msg
     assert "backbone is 'resnet34' in opts.yaml but 'resnet18' in the checkpoint" in msg
@@ -222,7 +223,7 @@ def test_rerank_too_large_is_refused_before_extraction(trained, tmp_path, monkey
     shutil.copytree(runs / "run", tmp_path / "run")
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
     monkeypatch.setattr(evaluate, "RERANK_MAX_ITEMS", 10)
-    monkeypatch.setattr(test_mod, "extract", lambda *a, **k: pytest.fail("extracted before refusing --rerank"))
+    monkeypatch.setattr(inference, "extract", lambda *a, **k: pytest.fail("extracted before refusing --rerank"))
     assert test_mod.main(["--name", "run", "--runs_dir", str(tmp_path), "--workers", "0", "--rerank"]) == 2
     err = capsys.readouterr().err
     assert "re-ranking" in err and "limit of 10" in err and "without --rerank" in err and "Traceback" not in err
