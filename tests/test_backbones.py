@@ -138,3 +138,46 @@ def test_imagenet_trunk_ranks_real_people_better_than_random_init(market_sub):
 
     imagenet, random_init = mean_ap(str(IMAGENET_FILE)), mean_ap(None)
     assert imagenet > random_init + 0.02, (imagenet, random_init)  # measured: 0.179 vs 0.121
+
+
+def test_mobilenet_v2_folds_and_exports_like_resnet(tmp_path):
+    """Conv+BN folding (every BN of the trunk) and the ONNX graph keep a MobileNetV2 AWPCN's
+    outputs: the downstream tools (test.py, Extractor, export.py) run this network."""
+    pytest.importorskip("onnxruntime", reason="requirements-export.txt not installed")
+    import export
+    from inference import fuse_for_inference
+
+    torch.manual_seed(0)
+    model = AWPCN(5, backbone="mobilenet_v2", parts=6, embed_dim=16, pretrained="none").eval()
+    for m in model.trunk.modules():  # non-trivial statistics, so an unfolded or misfolded BN shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(3, 3, 64, 32)
+    with torch.no_grad():
+        ref_e, ref_w = model(x)
+        fused = fuse_for_inference(model, channels_last=False)
+        fe, fw = fused(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.trunk.modules())
+    torch.testing.assert_close(fe, ref_e, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fw, ref_w, atol=1e-5, rtol=1e-5)
+    net = export.onnx_net(model)
+    path = tmp_path / "mnv2.onnx"
+    export.export_onnx(net, path, 64, 32, opset=17)
+    emb, w = export.ort_embed(export.ort_session(path), x)
+    with torch.no_grad():
+        ne, nw = net(x)
+    assert emb.shape == (3, 6, 16)
+    assert (emb - ne).abs().max() <= 1e-4 * max(1.0, float(ne.abs().max())) and (w - nw).abs().max() <= 1e-5
+
+
+def test_a_mobilenet_v2_run_trains_tests_and_loads_in_the_extractor(synthetic_dir, tmp_path, capsys):
+    import train
+    from inference import Extractor
+    from test_pipeline import test_mod as test_py, tiny_opts
+
+    train.train(tiny_opts(synthetic_dir, tmp_path, "mnv2", "--backbone", "mobilenet_v2", "--epochs", "1"))
+    assert test_py.main(["--name", "mnv2", "--runs_dir", str(tmp_path), "--workers", "0"]) == 0
+    assert "mAP" in capsys.readouterr().out
+    ext = Extractor.from_run(tmp_path / "mnv2", device="cpu")
+    emb, w = ext(torch.rand(2, 3, 64, 32))
+    assert emb.shape == (2, 4, 32) and torch.allclose(w.sum(1), torch.ones(2))
