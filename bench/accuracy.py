@@ -293,7 +293,21 @@ def run_one(variant: str, seed: int, args) -> dict:
             if adaptive:
                 record["weights"] = occlusion_report(feats, truth, _feat_rows(opts))
     atomic_write_text(done, json.dumps(record, indent=1))
+    if args.records:
+        keep_record(runs_dir / name, Path(args.records) / name)
     return record
+
+
+# What a finished run leaves that is small enough to commit: its figures stay traceable when
+# the checkpoint (kept outside the work tree) is gone.
+RECORD_FILES = ("bench.json", "opts.yaml", "train.log")
+
+
+def keep_record(run_dir: Path, dest: Path) -> None:
+    """Copy a finished run's :data:`RECORD_FILES` into ``dest`` (replacing an older copy)."""
+    for f in RECORD_FILES:
+        if (run_dir / f).is_file():
+            atomic_write_text(dest / f, (run_dir / f).read_text(encoding="utf-8"))
 
 
 def _train_settings(preset: str, train_args: list[str]) -> dict:
@@ -567,6 +581,9 @@ def main(argv=None) -> int:
                     help="an occlusion benchmark of the validation ids (prepare.py --occlude --val_ids) to "
                          "evaluate every run on: where test-time settings are chosen")
     ap.add_argument("--compare", nargs="+", metavar="OUT", help="tabulate the validation results of these OUTs")
+    ap.add_argument("--records", default=None,
+                    help="also copy each finished run's bench.json, opts.yaml and train.log into RECORDS/RUN "
+                         "(e.g. bench/results/NAME, to commit while the runs themselves live outside the work tree)")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra train.py flags for every run")
     args = ap.parse_args(argv)
     if args.compare:

@@ -46,10 +46,14 @@ def test_accuracy_bench_tiny(synthetic_dir, tmp_path, capsys):
     assert all(0 <= r["learned"]["mAP"] <= 1 for r in records)
     assert "AWPCN − PCB, paired by seed (0): mAP " in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A second call reuses the finished runs instead of training again...
+    # A second call reuses the finished runs instead of training again, and --records copies
+    # their small record (what gets committed while the run itself lives elsewhere)...
     before = (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns
-    assert bench.main([*base, "--seeds", "0", "--variants", "pcb", *TINY]) == 0
+    rec = tmp_path / "records"
+    assert bench.main([*base, "--seeds", "0", "--variants", "pcb", "--records", str(rec), *TINY]) == 0
     assert (out / "runs" / "pcb_s0" / "last.pt").stat().st_mtime_ns == before
+    assert sorted(p.name for p in (rec / "pcb_s0").iterdir()) == ["bench.json", "opts.yaml", "train.log"]
+    assert json.loads((rec / "pcb_s0" / "bench.json").read_text())["variant"] == "pcb"
     # Features on another set (an occlusion benchmark) leave the run's own test results alone.
     run = out / "runs" / "pcb_s0"
     kept = {f: (run / f).read_bytes() for f in ("result.txt", "cmc.png", "features.pt")}
@@ -222,13 +226,13 @@ def test_head_probe_scores_a_perfect_head_on_a_hand_built_case():
 def test_head_probe_ranks_the_benchmark_with_the_given_head_and_leaves_the_model_alone(synthetic_dir, tmp_path):
     import torch
 
-    import occluders
+    import converters
     import train
     from model import build_model
 
     probe = _probe()
     occluded = tmp_path / "occ"
-    occluders.make_occluded(synthetic_dir, occluded, fraction=0.5, seed=0, log=lambda *_: None)
+    converters.make_occluded(synthetic_dir, occluded, fraction=0.5, seed=0, log=lambda *_: None)
     opts = train.parse_opts(["--data_dir", str(synthetic_dir), "--backbone", "resnet18", "--pretrained", "none",
                              "--height", "64", "--width", "32", "--head", "spatial", "--embed_dim", "16"])
     torch.manual_seed(0)
