@@ -8,7 +8,10 @@ One function per format, called by ``prepare.py``:
   query and gallery;
 - ``convert_occluded_reid``, ``convert_partial_reid``, ``convert_partial_ilids``: test-only
   benchmarks -> ``query/`` (the occluded or partial probes, camera 1) and
-  ``bounding_box_test/`` (the whole-body images, camera 2), no ``bounding_box_train/``.
+  ``bounding_box_test/`` (the whole-body images, camera 2), no ``bounding_box_train/``;
+- ``convert_msmt17``: MSMT17 V1/V2 (list files) -> train, query and gallery;
+- ``make_occluded``: not a converter but a builder of the same kind — an occlusion benchmark
+  cut from a dataset's test split (or its validation ids), masks from ``occluders``.
 
 Every converter reads the source without modifying it, checks OUT with
 ``utils.check_output`` (OUT outside the source; a non-empty OUT only with ``overwrite``, and
@@ -23,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import json
 import os
 import re
 import shutil
-import sys
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -36,7 +40,8 @@ import numpy as np
 from PIL import Image
 
 import datasets
-from utils import UserError, check_output, staged_folder
+import occluders
+from utils import UserError, check_output, check_overlap, progress, staged_folder
 
 # What a source may hold; formats the reader does not take (datasets.IMG_EXTS) are re-encoded as PNG.
 SRC_IMG_EXTS = datasets.IMG_EXTS + (".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".jfif")
@@ -115,9 +120,8 @@ def _rel(path: Path, src: Path) -> str:
 
 
 def _bar(items, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=not sys.stderr.isatty())
+    # the shared bar: on a terminal only, cleared when done
+    return progress(items, desc=desc)
 
 
 class _Writer:
@@ -342,6 +346,90 @@ def convert_partial_ilids(src, out, *, overwrite: bool = False, log: Log = print
                           links=links)
 
 
+# --------------------------------------------------------------------------- occlusion benchmark
+def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: float | None = None,
+                  overwrite: bool = False, log=print) -> dict:
+    """A copy of ``src``'s test split whose queries (``fraction`` of them, 1.0 = all) carry a
+    hard-edged occluder (:func:`occluders.hard_alpha`) filled from a test-split gallery image
+    of another identity — a source and shapes that training never produced. Deterministic in ``seed``.
+
+    With ``val_ids`` (the fraction given to ``train.py --val_ids``) the benchmark is built from
+    the validation identities that training holds out instead (their query/gallery as
+    ``test.py --split val`` makes them, occluders cut from their gallery): somewhere to choose
+    test-time settings on occluded queries without touching the test split.
+
+    Writes ``out/query`` (occluded + untouched queries, same names), ``out/bounding_box_test``
+    (the gallery, unchanged: hard links where possible, else copies) and ``out/occlusion.json``
+    (``images``: "query/NAME" -> {"hidden_rows": per-row hidden fraction} for occluded
+    queries, null for the other queries and the gallery). No training folder: a test-only set. Built in a temporary
+    folder beside ``out`` and renamed at the end; ``out`` is checked as every builder's
+    (``utils.check_output``): never the source, inside it or holding it, and replaced only if
+    a builder wrote it.
+    """
+    if not 0 < fraction <= 1:
+        raise UserError(f"--fraction {fraction}: expected a fraction of the queries in (0, 1]")
+    out = Path(out)
+    check_output(out, sources=[src], overwrite=overwrite, log=log)
+    if val_ids is None:
+        data = datasets.load_dataset(src, log=lambda *_: None, need=("query", "gallery"))
+        # The gallery folder as the source has it (distractors and junk included).
+        gallery = [e.path for e in os.scandir(data.root / datasets.SPLITS["gallery"]) if e.is_file()]
+    else:
+        data = datasets.carve_validation(datasets.load_dataset(src, log=lambda *_: None), val_ids)[1]
+        gallery = [p for p, _, _ in data.gallery]
+    check_overlap(out, [data.root])     # the dataset found inside src may be a link to elsewhere
+    rng = np.random.default_rng(seed)
+    donors = [(p, pid) for p, pid, _ in data.gallery if pid > 0]
+    if not donors:
+        raise UserError(f"{data.root / datasets.SPLITS['gallery']}: no identified gallery images to cut occluders from")
+    chosen = set(rng.choice(len(data.query), int(round(fraction * len(data.query))), replace=False).tolist())
+    truth, large = {}, []
+    with staged_folder(out) as tmp:
+        (tmp / "query").mkdir()
+        gal = tmp / datasets.SPLITS["gallery"]
+        gal.mkdir()
+        for path in sorted(gallery, key=os.path.basename):
+            name = os.path.basename(path)
+            truth[f"{datasets.SPLITS['gallery']}/{name}"] = None
+            try:
+                os.link(path, gal / name)
+            except OSError:
+                shutil.copyfile(path, gal / name)
+        for i, (path, pid, _) in enumerate(data.query):
+            name = os.path.basename(path)
+            key = f"query/{name}"
+            if i not in chosen:
+                shutil.copyfile(path, tmp / key)
+                truth[key] = None
+                continue
+            img = np.asarray(load_image(path, large), dtype=np.float32)
+            h, w = img.shape[:2]
+            while True:
+                dpath, dpid = donors[int(rng.integers(len(donors)))]
+                if dpid != pid:
+                    break
+            donor = load_image(dpath, large)
+            y0, x0, y1, x1 = occluders.source_box(donor.height, donor.width, rng.random(4).tolist())
+            alpha = occluders.hard_alpha(h, w, rng)
+            fill = np.asarray(donor.crop((x0, y0, x1, y1)).resize((w, h), Image.BILINEAR), dtype=np.float32)
+            mixed = img * (1 - alpha[..., None]) + fill * alpha[..., None]
+            Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8)).save(tmp / key, quality=95)
+            truth[key] = {"hidden_rows": [round(float(v), 3) for v in alpha.mean(1)]}
+        meta = {"source": str(data.root.resolve()), "seed": seed, "fraction": fraction, "val_ids": val_ids,
+                # where each query's un-occluded original lies, under the same file name
+                "originals": datasets.SPLITS["train" if val_ids is not None else "query"],
+                "occluders": "hard-edged rectangles and convex polygons from gallery images of other "
+                             f"identities of the {'validation ids' if val_ids is not None else 'test split'} "
+                             "(occluders.hard_alpha)",
+                "images": truth}
+        (tmp / "occlusion.json").write_text(json.dumps(meta))
+    n_occ = sum(v is not None for v in truth.values())
+    log(f"{out}: {len(data.query)} queries ({n_occ} occluded), {len(data.gallery)} gallery images from {data.root}")
+    if large:
+        log(f"warning: {large_images_note(list(dict.fromkeys(large)))}")
+    return {"queries": len(data.query), "occluded": n_occ}
+
+
 # --------------------------------------------------------------------------- one folder per person
 def _parse_test_ids(value: float) -> tuple[float | None, int | None]:
     if 0 < value <= 1:
@@ -509,6 +597,71 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
     if others:
         log(f"skipped {len(others)} non-image file(s): {_shown(str(p.relative_to(src)) for p in others)}")
     return stats
+
+
+# --------------------------------------------------------------------------- MSMT17
+# os.link errors that mean "no hard link possible here" (other filesystem, no support, link
+# limit, protected_hardlinks): --link then copies instead.
+LINK_FALLBACK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK)
+MSMT_LISTS = {"list_train.txt": "bounding_box_train", "list_val.txt": "bounding_box_train",
+              "list_query.txt": "query", "list_gallery.txt": "bounding_box_test"}
+
+
+def convert_msmt17(src: str | os.PathLike, out: str | os.PathLike, *, link: bool = False,
+                   overwrite: bool = False, log=print) -> dict:
+    """MSMT17 V1/V2 (list files) -> Market layout; copies or hard-links, never touches ``src``.
+
+    Labels are offset by +1: in the Market protocol pid 0 means "distractor".
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise UserError(f"{src}: no such folder (expected the MSMT17_V1 or MSMT17_V2 folder)")
+    img_dirs = {"train": next((src / d for d in ("train", "mask_train_v2") if (src / d).is_dir()), None),
+                "test": next((src / d for d in ("test", "mask_test_v2") if (src / d).is_dir()), None)}
+    missing = [n for n in MSMT_LISTS if not (src / n).is_file()]
+    if missing or None in img_dirs.values():
+        raise UserError(f"{src}: not an MSMT17 folder: missing {', '.join(missing) or 'train/ or test/ images'}")
+    check_output(out, sources=[src], overwrite=overwrite, log=log)
+    counts = defaultdict(int)
+    link_failed, copied = "", 0
+    with staged_folder(out) as tmp:
+        for list_name, sub in MSMT_LISTS.items():
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+            base = img_dirs["train" if sub == "bounding_box_train" else "test"]
+            for n, line in enumerate((src / list_name).read_text().split("\n")):
+                if not line.strip():
+                    continue
+                try:
+                    rel, label = line.split()
+                    cam = int(Path(rel).name.split("_")[2])
+                    pid = int(label) + 1
+                except (ValueError, IndexError):
+                    raise UserError(f"{src / list_name}:{n + 1}: cannot parse {line!r} "
+                                    "(expected 'PID/PID_IDX_CAM_....jpg LABEL')") from None
+                source = base / rel
+                if not source.is_file():
+                    raise UserError(f"{src / list_name}:{n + 1}: {source} not found")
+                tag = "v" if list_name == "list_val.txt" else "s"
+                dest = tmp / sub / f"{pid:04d}_c{cam}{tag}1_{n:06d}_00{source.suffix.lower()}"
+                linked = False
+                if link and not link_failed:
+                    try:
+                        os.link(source, dest)
+                        linked = True
+                    except OSError as exc:
+                        # e.g. SRC and OUT on different filesystems: copy this and every later file
+                        if exc.errno not in LINK_FALLBACK_ERRNOS:
+                            raise
+                        link_failed = os.strerror(exc.errno)
+                if not linked:
+                    shutil.copyfile(source, dest)
+                    copied += 1 if link else 0
+                counts[sub] += 1
+    log(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if copied:
+        log(f"--link: cannot hard-link {src} into {out.parent} ({link_failed}); copied {copied} "
+            f"file(s) instead (same result, more disk space)")
+    return dict(counts)
 
 
 # --------------------------------------------------------------------------- CUHK03

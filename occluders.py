@@ -8,8 +8,8 @@ trained on the other learned about occlusion rather than about our drawing:
   image* (a person, background, an object at the border) — used by
   ``datasets.TrainTransform`` with torch's global generator;
 * test (:func:`hard_alpha`): hard-edged rectangles and random convex polygons, filled from
-  *test-split images of other identities* — used by ``prepare.py --occlude`` with a numpy
-  generator, deterministically.
+  *test-split images of other identities* — used by ``converters.make_occluded``
+  (``prepare.py --occlude``) with a numpy generator, deterministically.
 
 Both return an alpha map ``(H, W)`` in [0, 1] (1 = hidden); the visibility of a pixel is
 ``1 - alpha``, so a stripe's visible fraction is exact, edges included.
@@ -117,97 +117,3 @@ def source_box(h: int, w: int, u: list[float]) -> tuple[int, int, int, int]:
     y0 = int((h - ch) * u[2])
     x0 = int((w - cw) * u[3])
     return y0, x0, y0 + ch, x0 + cw
-
-
-def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: float | None = None,
-                  overwrite: bool = False, log=print) -> dict:
-    """A copy of ``src``'s test split whose queries (``fraction`` of them, 1.0 = all) carry a
-    hard-edged occluder (:func:`hard_alpha`) filled from a test-split gallery image of another
-    identity — a source and shapes that training never produced. Deterministic in ``seed``.
-
-    With ``val_ids`` (the fraction given to ``train.py --val_ids``) the benchmark is built from
-    the validation identities that training holds out instead (their query/gallery as
-    ``test.py --split val`` makes them, occluders cut from their gallery): somewhere to choose
-    test-time settings on occluded queries without touching the test split.
-
-    Writes ``out/query`` (occluded + untouched queries, same names), ``out/bounding_box_test``
-    (the gallery, unchanged: hard links where possible, else copies) and ``out/occlusion.json``
-    (``images``: "query/NAME" -> {"hidden_rows": per-row hidden fraction} for occluded
-    queries, null for the other queries and the gallery). No training folder: a test-only set. Built in a temporary
-    folder beside ``out`` and renamed at the end; ``out`` is checked as every builder's
-    (``utils.check_output``): never the source, inside it or holding it, and replaced only if
-    a builder wrote it.
-    """
-    import json
-    import os
-    import shutil
-    from pathlib import Path
-
-    from PIL import Image
-
-    import converters
-    import datasets
-    from utils import UserError, check_output, check_overlap, staged_folder
-
-    if not 0 < fraction <= 1:
-        raise UserError(f"--fraction {fraction}: expected a fraction of the queries in (0, 1]")
-    out = Path(out)
-    check_output(out, sources=[src], overwrite=overwrite, log=log)
-    if val_ids is None:
-        data = datasets.load_dataset(src, log=lambda *_: None, need=("query", "gallery"))
-        # The gallery folder as the source has it (distractors and junk included).
-        gallery = [e.path for e in os.scandir(data.root / datasets.SPLITS["gallery"]) if e.is_file()]
-    else:
-        data = datasets.carve_validation(datasets.load_dataset(src, log=lambda *_: None), val_ids)[1]
-        gallery = [p for p, _, _ in data.gallery]
-    check_overlap(out, [data.root])     # the dataset found inside src may be a link to elsewhere
-    rng = np.random.default_rng(seed)
-    donors = [(p, pid) for p, pid, _ in data.gallery if pid > 0]
-    if not donors:
-        raise UserError(f"{data.root / datasets.SPLITS['gallery']}: no identified gallery images to cut occluders from")
-    chosen = set(rng.choice(len(data.query), int(round(fraction * len(data.query))), replace=False).tolist())
-    truth, large = {}, []
-    with staged_folder(out) as tmp:
-        (tmp / "query").mkdir()
-        gal = tmp / datasets.SPLITS["gallery"]
-        gal.mkdir()
-        for path in sorted(gallery, key=os.path.basename):
-            name = os.path.basename(path)
-            truth[f"{datasets.SPLITS['gallery']}/{name}"] = None
-            try:
-                os.link(path, gal / name)
-            except OSError:
-                shutil.copyfile(path, gal / name)
-        for i, (path, pid, _) in enumerate(data.query):
-            name = os.path.basename(path)
-            key = f"query/{name}"
-            if i not in chosen:
-                shutil.copyfile(path, tmp / key)
-                truth[key] = None
-                continue
-            img = np.asarray(converters.load_image(path, large), dtype=np.float32)
-            h, w = img.shape[:2]
-            while True:
-                dpath, dpid = donors[int(rng.integers(len(donors)))]
-                if dpid != pid:
-                    break
-            donor = converters.load_image(dpath, large)
-            y0, x0, y1, x1 = source_box(donor.height, donor.width, rng.random(4).tolist())
-            alpha = hard_alpha(h, w, rng)
-            fill = np.asarray(donor.crop((x0, y0, x1, y1)).resize((w, h), Image.BILINEAR), dtype=np.float32)
-            mixed = img * (1 - alpha[..., None]) + fill * alpha[..., None]
-            Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8)).save(tmp / key, quality=95)
-            truth[key] = {"hidden_rows": [round(float(v), 3) for v in alpha.mean(1)]}
-        meta = {"source": str(data.root.resolve()), "seed": seed, "fraction": fraction, "val_ids": val_ids,
-                # where each query's un-occluded original lies, under the same file name
-                "originals": datasets.SPLITS["train" if val_ids is not None else "query"],
-                "occluders": "hard-edged rectangles and convex polygons from gallery images of other "
-                             f"identities of the {'validation ids' if val_ids is not None else 'test split'} "
-                             "(occluders.hard_alpha)",
-                "images": truth}
-        (tmp / "occlusion.json").write_text(json.dumps(meta))
-    n_occ = sum(v is not None for v in truth.values())
-    log(f"{out}: {len(data.query)} queries ({n_occ} occluded), {len(data.gallery)} gallery images from {data.root}")
-    if large:
-        log(f"warning: {converters.large_images_note(list(dict.fromkeys(large)))}")
-    return {"queries": len(data.query), "occluded": n_occ}

@@ -4,7 +4,7 @@
     python prepare.py --check DIR
     python prepare.py --msmt17 SRC OUT [--link] [--overwrite]
     python prepare.py --occlude SRC OUT [--fraction 0.5] [--seed 0] [--val_ids 0.15]   # occlusion benchmark
-    (and the converters of converters.py: --cuhk03, --folders, --occluded_reid, --partial_reid, --partial_ilids)
+    (and the other builders of converters.py: --cuhk03, --folders, --occluded_reid, --partial_reid, --partial_ilids)
 
 The synthetic set: pedestrians drawn with numpy, each identity a combination of six
 horizontal body bands whose colours and textures come from a small shared palette (no
@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import io
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -40,7 +38,6 @@ from PIL import Image
 
 import converters
 import datasets
-import occluders
 import utils
 from utils import UserError, check_output, cli, staged_folder
 
@@ -186,8 +183,6 @@ def _pool_worker() -> None:
 
 def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=print) -> list[str]:
     """Decode every image and report; returns the list of errors (empty = usable)."""
-    from tqdm import tqdm
-
     root, note = datasets.resolve_root(path, need=("query", "gallery"))
     if note:
         log(note)
@@ -203,8 +198,8 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=pr
     paths = [p for items in splits.values() for p, _, _ in items]
     large = []
     with Pool(workers or min(2, os.cpu_count() or 1), initializer=_pool_worker) as pool:
-        for p, why, big in tqdm(pool.imap(_decode, paths, chunksize=64), total=len(paths), desc="decoding",
-                                disable=not sys.stderr.isatty(), leave=False):
+        # imap has no len(): the bar is told the total
+        for p, why, big in utils.progress(pool.imap(_decode, paths, chunksize=64), desc="decoding", total=len(paths)):
             if why:
                 errors.append(f"{p}: {why}")
             if big:
@@ -247,71 +242,6 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=pr
         log(f"error: {e}")
     log("OK" if not errors else f"{len(errors)} problem(s) would break training or evaluation")
     return errors
-
-
-# --------------------------------------------------------------------------- MSMT17
-# os.link errors that mean "no hard link possible here" (other filesystem, no support, link
-# limit, protected_hardlinks): --link then copies instead.
-LINK_FALLBACK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK)
-MSMT_LISTS = {"list_train.txt": "bounding_box_train", "list_val.txt": "bounding_box_train",
-              "list_query.txt": "query", "list_gallery.txt": "bounding_box_test"}
-
-
-def convert_msmt17(src: str | os.PathLike, out: str | os.PathLike, *, link: bool = False,
-                   overwrite: bool = False, log=print) -> dict:
-    """MSMT17 V1/V2 (list files) -> Market layout; copies or hard-links, never touches ``src``.
-
-    Labels are offset by +1: in the Market protocol pid 0 means "distractor".
-    """
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise UserError(f"{src}: no such folder (expected the MSMT17_V1 or MSMT17_V2 folder)")
-    img_dirs = {"train": next((src / d for d in ("train", "mask_train_v2") if (src / d).is_dir()), None),
-                "test": next((src / d for d in ("test", "mask_test_v2") if (src / d).is_dir()), None)}
-    missing = [n for n in MSMT_LISTS if not (src / n).is_file()]
-    if missing or None in img_dirs.values():
-        raise UserError(f"{src}: not an MSMT17 folder: missing {', '.join(missing) or 'train/ or test/ images'}")
-    check_output(out, sources=[src], overwrite=overwrite, log=log)
-    counts = defaultdict(int)
-    link_failed, copied = "", 0
-    with staged_folder(out) as tmp:
-        for list_name, sub in MSMT_LISTS.items():
-            (tmp / sub).mkdir(parents=True, exist_ok=True)
-            base = img_dirs["train" if sub == "bounding_box_train" else "test"]
-            for n, line in enumerate((src / list_name).read_text().split("\n")):
-                if not line.strip():
-                    continue
-                try:
-                    rel, label = line.split()
-                    cam = int(Path(rel).name.split("_")[2])
-                    pid = int(label) + 1
-                except (ValueError, IndexError):
-                    raise UserError(f"{src / list_name}:{n + 1}: cannot parse {line!r} "
-                                    "(expected 'PID/PID_IDX_CAM_....jpg LABEL')") from None
-                source = base / rel
-                if not source.is_file():
-                    raise UserError(f"{src / list_name}:{n + 1}: {source} not found")
-                tag = "v" if list_name == "list_val.txt" else "s"
-                dest = tmp / sub / f"{pid:04d}_c{cam}{tag}1_{n:06d}_00{source.suffix.lower()}"
-                linked = False
-                if link and not link_failed:
-                    try:
-                        os.link(source, dest)
-                        linked = True
-                    except OSError as exc:
-                        # e.g. SRC and OUT on different filesystems: copy this and every later file
-                        if exc.errno not in LINK_FALLBACK_ERRNOS:
-                            raise
-                        link_failed = os.strerror(exc.errno)
-                if not linked:
-                    shutil.copyfile(source, dest)
-                    copied += 1 if link else 0
-                counts[sub] += 1
-    log(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    if copied:
-        log(f"--link: cannot hard-link {src} into {out.parent} ({link_failed}); copied {copied} "
-            f"file(s) instead (same result, more disk space)")
-    return dict(counts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,10 +369,10 @@ def _run(args) -> int:
     elif args.partial_ilids:
         converters.convert_partial_ilids(*args.partial_ilids, **kw)
     elif args.occlude:
-        occluders.make_occluded(*args.occlude, fraction=args.fraction, seed=args.seed, val_ids=args.val_ids, **kw)
+        converters.make_occluded(*args.occlude, fraction=args.fraction, seed=args.seed, val_ids=args.val_ids, **kw)
     if not args.msmt17:
         return 0
-    convert_msmt17(*args.msmt17, link=args.link, overwrite=args.overwrite)
+    converters.convert_msmt17(*args.msmt17, link=args.link, overwrite=args.overwrite)
     return 0
 
 

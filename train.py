@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import datasets
 from losses import awpcn_loss
 from model import BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, AWPCN, installed_mobilenet_v2_weights
 from utils import (DEFAULT_RUN, FEATURES_FILE, RUN_LOCK, TEMP_NAME, UserError, cli, get_logger, close_logger,
-                   load_checkpoint, lock_run, remove_stale_temp_files, save_checkpoint, save_figure, save_yaml,
+                   load_checkpoint, lock_run, progress, remove_stale_temp_files, save_checkpoint, save_figure, save_yaml,
                    load_yaml, select_device)
 
 # Paper-like defaults live in the parser; a preset only changes what it names, and any flag
@@ -738,9 +737,8 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
     loop.net.train()
     sums, count, correct, wait, t0 = {}, 0, 0, 0.0, time.perf_counter()
     # A live bar on a terminal; in logs and CI the per-epoch line says it all.
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{opts['epochs']}",
-               disable=not (loop.rank == 0 and sys.stderr.isatty()),
-               dynamic_ncols=True, leave=False, mininterval=1.0)
+    # (only rank 0 draws one: DDP's other ranks would overprint it)
+    bar = progress(loader, desc=f"epoch {epoch + 1}/{opts['epochs']}", show=None if loop.rank == 0 else False)
     t_ready = time.perf_counter()
     for it, (img, vis, label, _cam, *clean) in enumerate(bar):
         wait += time.perf_counter() - t_ready

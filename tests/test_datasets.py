@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import converters
 import datasets as D
 import prepare
 from conftest import make_tree
@@ -483,7 +484,7 @@ def test_msmt17_link_across_filesystems_falls_back_to_copy_and_says_so(tmp_path,
         calls.append(a)
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(a), str(b))
 
-    monkeypatch.setattr(prepare.os, "link", cross_device)
+    monkeypatch.setattr(converters.os, "link", cross_device)
     capsys.readouterr()
     out = tmp_path / "msmt"
     assert prepare.main(["--msmt17", str(src), str(out), "--link"]) == 0
@@ -498,7 +499,7 @@ def test_msmt17_link_across_filesystems_falls_back_to_copy_and_says_so(tmp_path,
     def other_error(a, b, *args, **kwargs):                          # not about linking: still an error
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(prepare.os, "link", other_error)
+    monkeypatch.setattr(converters.os, "link", other_error)
     with pytest.raises(OSError, match=os.strerror(errno.EIO)):
-        prepare.convert_msmt17(src, tmp_path / "msmt_io", link=True)
+        converters.convert_msmt17(src, tmp_path / "msmt_io", link=True)
     assert not (tmp_path / "msmt_io").exists()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import converters as C
 import datasets as D
 import occluders as O
 import prepare
@@ -212,7 +213,7 @@ def test_make_occluded_truth_matches_the_pixels(tmp_path):
     src = occ_source(tmp_path / "src")
     out = tmp_path / "occ"
     said = []
-    stats = O.make_occluded(src, out, fraction=0.5, seed=3, log=said.append)
+    stats = C.make_occluded(src, out, fraction=0.5, seed=3, log=said.append)
     assert stats == {"queries": 10, "occluded": 5}
     assert said == [f"{out}: 10 queries (5 occluded), 6 gallery images from {src}"]
     assert sorted(p.name for p in out.iterdir()) == [".awpcn-prepared", GALLERY, "occlusion.json", QUERY]
@@ -256,16 +257,16 @@ def test_make_occluded_truth_matches_the_pixels(tmp_path):
 def test_make_occluded_is_deterministic_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch):
     src = occ_source(tmp_path / "src")
     a, b = tmp_path / "a", tmp_path / "b"
-    O.make_occluded(src, a, seed=1, log=lambda *_: None)
-    O.make_occluded(src, b, seed=1, log=lambda *_: None)
+    C.make_occluded(src, a, seed=1, log=lambda *_: None)
+    C.make_occluded(src, b, seed=1, log=lambda *_: None)
     assert digest(a) == digest(b)
-    O.make_occluded(src, b, seed=2, overwrite=True, log=lambda *_: None)
+    C.make_occluded(src, b, seed=2, overwrite=True, log=lambda *_: None)
     assert digest(a) != digest(b)
     with pytest.raises(UserError, match=f"{a} already exists; pass --overwrite"):
-        O.make_occluded(src, a, seed=1, log=lambda *_: None)
+        C.make_occluded(src, a, seed=1, log=lambda *_: None)
     for bad in (0, 1.5, -0.2):
         with pytest.raises(UserError, match=rf"--fraction {bad}: expected a fraction of the queries in \(0, 1\]"):
-            O.make_occluded(src, tmp_path / "c", fraction=bad)
+            C.make_occluded(src, tmp_path / "c", fraction=bad)
     # a failure midway leaves neither a temporary folder nor a damaged output
     before = digest(a)
     calls = []
@@ -279,10 +280,10 @@ def test_make_occluded_is_deterministic_atomic_and_refuses_to_overwrite(tmp_path
 
     monkeypatch.setattr(O, "hard_alpha", fail_on_third)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        O.make_occluded(src, a, fraction=1.0, seed=1, overwrite=True, log=lambda *_: None)
+        C.make_occluded(src, a, fraction=1.0, seed=1, overwrite=True, log=lambda *_: None)
     calls.clear()
     with pytest.raises(RuntimeError, match="disk on fire"):
-        O.make_occluded(src, tmp_path / "new", fraction=1.0, log=lambda *_: None)
+        C.make_occluded(src, tmp_path / "new", fraction=1.0, log=lambda *_: None)
     assert digest(a) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "src"]
 
@@ -321,7 +322,7 @@ def test_keep_clean_returns_the_image_before_occluder_and_erasing(bank):
 
 def test_make_occluded_on_the_validation_ids(tmp_path, synthetic_dir):
     out = tmp_path / "val_occ"
-    stats = O.make_occluded(synthetic_dir, out, fraction=1.0, seed=0, val_ids=0.25, log=lambda *_: None)
+    stats = C.make_occluded(synthetic_dir, out, fraction=1.0, seed=0, val_ids=0.25, log=lambda *_: None)
     _, val = D.carve_validation(D.load_dataset(synthetic_dir, log=lambda *_: None), 0.25)
     data = D.load_dataset(out, need=("query", "gallery"), log=lambda *_: None)
     # the held-out ids' query/gallery exactly as test.py --split val makes them, queries occluded
