@@ -297,7 +297,9 @@ def test_interrupt_leaves_nothing_and_is_one_line(tmp_path, capsys, monkeypatch,
 
     monkeypatch.setattr(prepare, "draw_person", draw_then_signal)
     # without prepare's own handler, SIGTERM would end pytest itself: fail the test instead
-    previous = signal.signal(signum, escaped) if signum != signal.SIGINT else None
+    # SIGINT: Python's own handler (KeyboardInterrupt), also where the suite was started in the
+    # background and so inherited SIGINT ignored.
+    previous = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else escaped)
     try:
         for target, flags in ((out, ["--overwrite", "--seed", "3"]), (tmp_path / "new", [])):
             calls.clear()
@@ -310,8 +312,7 @@ def test_interrupt_leaves_nothing_and_is_one_line(tmp_path, capsys, monkeypatch,
             by = "" if signame == "SIGINT" else f" by {signame}"
             assert std.err == f"interrupted{by}: nothing written to {target}\n"
     finally:
-        if previous is not None:
-            signal.signal(signum, previous)
+        signal.signal(signum, previous)
     assert digest(out) == before and not (tmp_path / "new").exists() and no_leftovers(tmp_path)
 
 
