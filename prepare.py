@@ -179,6 +179,10 @@ def _pool_worker() -> None:
     # Ctrl-C reaches the whole process group: the workers leave it to the parent, which stops
     # them, instead of each printing a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent's Python-level SIGTERM/SIGHUP handlers are inherited by fork; a worker must die
+    # at once when the pool terminates it, even while blocked on the pool's queue lock.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=print) -> list[str]:
@@ -204,6 +208,10 @@ def check_dataset(path: str | os.PathLike, *, workers: int | None = None, log=pr
                 errors.append(f"{p}: {why}")
             if big:
                 large.append(big)
+        # A clean shutdown: leaving the block alone would terminate() the workers, which can
+        # kill one while it holds the task queue's lock and leave the other waiting forever.
+        pool.close()
+        pool.join()
     if large:
         warnings.append(converters.large_images_note(large))
     log(f"{root}")
