@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import export
-import train
 from inference import Extractor
 from model import AWPCN
-from test_pipeline import tiny_opts
+from test_pipeline import one_epoch_run
 from utils import save_checkpoint
 
 ort = pytest.importorskip("onnxruntime", reason="requirements-export.txt not installed (scripts/venv.sh installs it)")
@@ -22,10 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def run(synthetic_dir, tmp_path_factory):
-    """A one-epoch tiny run: ResNet-18, 64x32 input, P=4, D=32."""
-    runs = tmp_path_factory.mktemp("runs")
-    train.train(tiny_opts(synthetic_dir, runs, "run", "--epochs", "1"))
-    return runs / "run"
+    return one_epoch_run(synthetic_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ import datasets
 import demo
 import evaluate
 import search
-import train
 from inference import Extractor, load_model
-from test_pipeline import test_mod, tiny_opts
+from test_pipeline import one_epoch_run, test_mod
 from utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,11 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(synthetic_dir, tmp_path_factory):
     """A one-epoch tiny run (ResNet-18, 64x32, P=4) with test.py's features.pt."""
-    runs = tmp_path_factory.mktemp("runs")
-    train.train(tiny_opts(synthetic_dir, runs, "run", "--epochs", "1"))
+    run_dir = one_epoch_run(synthetic_dir, tmp_path_factory)
     test_mod.run_test(test_mod.build_parser().parse_args(
-        ["--name", "run", "--runs_dir", str(runs), "--workers", "0"]))
-    return runs / "run"
+        ["--name", "run", "--runs_dir", str(run_dir.parent), "--workers", "0"]))
+    return run_dir
 
 
 @pytest.fixture(scope="module")

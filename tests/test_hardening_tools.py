@@ -15,18 +15,14 @@ import demo
 import export
 import report
 import search
-import train
 from inference import Extractor
-from test_pipeline import test_mod, tiny_opts
+from test_pipeline import one_epoch_run, test_mod
 from utils import UserError, load_yaml, save_yaml
 
 
 @pytest.fixture(scope="module")
 def run(synthetic_dir, tmp_path_factory):
-    """A one-epoch tiny run: ResNet-18, 64x32 input, P=4, D=32."""
-    runs = tmp_path_factory.mktemp("runs")
-    train.train(tiny_opts(synthetic_dir, runs, "run", "--epochs", "1"))
-    return runs / "run"
+    return one_epoch_run(synthetic_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,13 @@ def tiny_opts(data_dir, runs_dir, name="run", *extra):
         "--step", "1", *extra])
 
 
+def one_epoch_run(data_dir, tmp_path_factory):
+    """A one-epoch tiny run (ResNet-18, 64x32 input, P=4, D=32) in a fresh folder: its run dir."""
+    runs = tmp_path_factory.mktemp("runs")
+    train.train(tiny_opts(data_dir, runs, "run", "--epochs", "1"))
+    return runs / "run"
+
+
 @pytest.fixture(scope="module")
 def trained(synthetic_dir, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
