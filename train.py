@@ -432,7 +432,7 @@ def check_resumable(state: dict, run_dir: Path, opts: dict) -> None:
                         "copied to last.pt, also resumes), or start again with --overwrite (test.py --which still "
                         "reads this file's weights; copy it elsewhere first to keep it)")
     had = state.get("opts") or {}
-    # Only what --resume keeps fixed: a training option such as --dropout may differ on purpose.
+    # The model and input keys --resume keeps fixed (every model key; see FIXED).
     differ = [k for k in sorted(FIXED & {*MODEL_KEYS, "height", "width"}) if k in had and k in opts
               and had[k] != opts[k]]
     if differ:
