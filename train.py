@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weighting", default="adaptive", choices=WEIGHTINGS, help="uniform = PCB")
     g.add_argument("--head", default="visibility", choices=HEADS,
                    help="visibility: one visibility score per stripe; spatial: per-location visibility map (pools "
-                        "and weights the stripes); softmax: weights trained by the fused CE only")
+                        "and weights the stripes); region: per-location body-part map (pools each part where it is "
+                        "seen, for partial views; pair with --partial_prob); softmax: weights trained by the fused CE only")
     g.add_argument("--temperature", type=float, default=1.0, help="temperature of the part-weight head")
     g.add_argument("--dropout", type=float, default=0.5, help="dropout before the part classifiers")
     g.add_argument("--last_stride", type=int, default=1, choices=[1, 2])
@@ -102,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--occluder", default="band", choices=datasets.OCCLUDERS,
                    help="band: a flat noise band over the top or bottom rows; patch: a soft-edged piece of another "
                         "identity's training image at the bottom, top or a side; both: either")
+    g.add_argument("--partial_prob", type=float, default=0.0,
+                   help="probability of cutting a training image to a partial view (top, bottom or side part, "
+                        "resized to the input size) before the other augmentation; teaches the region head")
+    g.add_argument("--partial_min", type=float, default=0.5,
+                   help="a partial view keeps at least this fraction of the height (or width)")
     g.add_argument("--val_ids", type=float, default=0.0,
                    help="hold out this fraction of the training ids as a validation query/gallery "
                         "(test.py --split val); 0: train on all")
@@ -120,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, default=0.1)
     g.add_argument("--label_smoothing", type=float, default=0.0)
     g.add_argument("--fused_weight", type=float, default=1.0, help="weight of the fused-logits CE")
-    g.add_argument("--vis_weight", type=float, default=1.0, help="weight of the visibility BCE (head=visibility)")
+    g.add_argument("--vis_weight", type=float, default=1.0,
+                   help="weight of the head's supervision: the visibility BCE (visibility, spatial) or the body-part "
+                        "cross-entropy (region)")
     g.add_argument("--invariance", type=float, default=0.0,
                    help="weight of the occlusion-invariance loss: visible stripes of an occluded training image "
                         "are pulled to the same network's embedding of the image without the occluder (one extra "
@@ -339,6 +347,10 @@ def resume_opts(run_dir: Path, cli_opts: dict, log=print) -> dict:
     return opts
 
 
+# The loss terms an epoch's record may hold (losses.awpcn_loss), in the order they are shown.
+LOSS_TERMS = ("loss", "part_ce", "fused_ce", "vis_bce", "region_ce", "invariance", "triplet")
+
+
 def plot_history(history: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -346,7 +358,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("loss", "part_ce", "fused_ce", "vis_bce", "invariance", "triplet"):
+    for key in LOSS_TERMS:
         if key in history[-1]:
             ax1.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=key)
     ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
@@ -382,7 +394,7 @@ def has_unused_parameters(opts: dict) -> bool:
     neither its visibility loss nor, for the softmax head, the fused CE reaches it):
     DistributedDataParallel must be told, or it stops at the second step."""
     return opts["weighting"] == "adaptive" and (
-        (opts["head"] in ("visibility", "spatial") and opts["vis_weight"] <= 0)
+        (opts["head"] in ("visibility", "spatial", "region") and opts["vis_weight"] <= 0)
         or (opts["head"] == "softmax" and opts["fused_weight"] <= 0))
 
 
@@ -609,7 +621,7 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
         log.info("note: --amp on a CPU means bf16 autocast, which is many times slower than fp32 on CPUs "
                  "without AVX-512 BF16; drop --amp unless yours has it")
     loss_kw = dict(label_smoothing=opts["label_smoothing"], fused_weight=opts["fused_weight"],
-                   vis_weight=opts["vis_weight"] if opts["head"] in ("visibility", "spatial") else 0.0,
+                   vis_weight=opts["vis_weight"] if opts["head"] in ("visibility", "spatial", "region") else 0.0,
                    triplet_margin=opts["margin"] if opts["triplet"] else None,
                    temperature=opts["temperature"], invariance=opts.get("invariance", 0.0))
     if main_proc:
@@ -618,11 +630,15 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
                  f"{len(sampler)} steps/epoch of {opts['batchsize']} images, epochs {start_epoch + 1}..{opts['epochs']}")
 
     last_epoch = opts["epochs"] if stop_after_epoch is None else min(opts["epochs"], stop_after_epoch)
-    probe = None
+    probe = rprobe = None
     if main_proc and val is not None and model.weighting == "adaptive" and model.head != "softmax":
         probe = visibility_probe(val, opts)
         log.info(f"visibility probe: {len(probe[0])} validation images with real-image occluders; "
                  "vis_mae = mean |predicted - true| stripe visibility")
+    if main_proc and val is not None and model.region:
+        rprobe = region_probe(val, opts)
+        log.info(f"region probe: {len(rprobe[0])} validation images cut to partial views; region_mae = mean "
+                 "|predicted - true| original-body row of their visible locations, in body heights")
     loop = _Loop(opts, model, net, optimizer, scaler, use_cuda_amp, sampler, train_set, data, history,
                  device, world, rank, run_dir, log, amp_ctx, loss_kw, epoch=start_epoch, probe=probe,
                  fingerprint=fingerprint)
@@ -631,6 +647,8 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
             record = _train_epoch(loop, epoch)
             if probe is not None:
                 record["vis_mae"] = visibility_error(model, probe, device, opts["channels_last"])
+            if rprobe is not None:
+                record["region_mae"] = region_error(model, rprobe, device, opts["channels_last"])
             history.append(record)
             if main_proc:
                 _end_epoch(loop, epoch, record)
@@ -682,7 +700,57 @@ def train_transform(opts: dict, data: datasets.ReIDData):
     return datasets.build_transforms(opts["height"], opts["width"], train=True, erasing_prob=opts["erasing"],
                                      occlude_prob=opts["occlude_prob"], occluder=opts.get("occluder", "band"),
                                      occluder_bank=bank, color_jitter=opts["color_jitter"],
-                                     keep_clean=opts.get("invariance", 0) > 0)
+                                     keep_clean=opts.get("invariance", 0) > 0,
+                                     partial_prob=opts.get("partial_prob", 0.0), partial_min=opts.get("partial_min", 0.5),
+                                     body_rows=wants_body_rows(opts))
+
+
+def wants_body_rows(opts: dict) -> bool:
+    """Whether training needs each row's place in the original body (the region head's target)."""
+    return opts["weighting"] == "adaptive" and opts["head"] == "region"
+
+
+def region_probe(val: datasets.ReIDData, opts: dict, n: int = 256):
+    """Up to ``n`` validation images, each cut to a partial view (top, bottom or side part
+    keeping 40-100 %), with their per-pixel visibility and each row's place in the original
+    body: (images, vis, rows); the same every epoch and on resume (own fixed seed)."""
+    items = (val.query + val.gallery)[:: max(1, len(val.query + val.gallery) // n)][:n]
+    t = datasets.build_transforms(opts["height"], opts["width"], train=True, pad=0, flip=False, erasing_prob=0.0,
+                                  partial_prob=1.0, partial_min=0.4, body_rows=True)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(54321)
+    try:
+        triples = [t(datasets.load_image(p), pid) for p, pid, _ in items]
+    finally:
+        torch.random.set_rng_state(state)
+    return tuple(torch.stack([tr[i] for tr in triples]) for i in range(3))
+
+
+@torch.no_grad()
+def region_error(model: AWPCN, probe, device, channels_last: bool) -> float:
+    """Mean absolute error, in body heights, of the original-body row the region head places
+    the visible locations of the probe's partial views at (``losses.region_row_error``)."""
+    from losses import region_row_error, region_target
+
+    was = model.training
+    model.eval()
+    errs, counts = [], []
+    try:
+        for x, vis, rows in zip(*(t.split(64) for t in probe)):
+            x = x.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            probs = model.predict_regions(x).cpu()
+            hw = probs.shape[2:]
+            target = region_target(vis, rows, model.parts, hw)
+            cell_rows = torch.nn.functional.adaptive_avg_pool1d(rows.unsqueeze(1), hw[0]).squeeze(1)
+            n = int((target[:, model.parts] <= 0.5).sum())
+            if n:
+                errs.append(float(region_row_error(probs, target, cell_rows)) * n)
+                counts.append(n)
+    finally:
+        model.train(was)
+    return sum(errs) / max(1, sum(counts))
 
 
 def visibility_probe(val: datasets.ReIDData, opts: dict, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -742,9 +810,12 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
     # (only rank 0 draws one: DDP's other ranks would overprint it)
     bar = progress(loader, desc=f"epoch {epoch + 1}/{opts['epochs']}", show=None if loop.rank == 0 else False)
     t_ready = time.perf_counter()
-    for it, (img, vis, label, _cam, *clean) in enumerate(bar):
+    body_rows = wants_body_rows(opts)
+    for it, (img, vis, label, _cam, *extra) in enumerate(bar):
         wait += time.perf_counter() - t_ready
         loop.iteration = it
+        rows = extra.pop(0).to(device) if body_rows else None
+        clean = extra
         img, vis, label = img.to(device, non_blocking=True), vis.to(device), label.to(device)
         if opts["channels_last"]:
             img = img.contiguous(memory_format=torch.channels_last)
@@ -754,7 +825,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> dict:
                 out = loop.net(img)
                 if clean:
                     out["teacher"] = _teacher(loop.model, img, clean[0].to(device), opts["channels_last"])
-            loss, terms = awpcn_loss(out, label, vis, **loop.loss_kw)
+            loss, terms = awpcn_loss(out, label, vis, rows=rows, **loop.loss_kw)
             if not torch.isfinite(loss):
                 raise UserError(
                     f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; stopped. The last "
@@ -823,12 +894,13 @@ def _end_epoch(loop: _Loop, epoch: int, record: dict) -> None:
         save_checkpoint(ckpt, run_dir / f"epoch_{epoch + 1:03d}.pt")
     plot_history(loop.history, run_dir / "train.jpg")
     loop.log.info(" | ".join([f"epoch {epoch + 1}/{opts['epochs']}",
-                              *(f"{k} {record[k]:.4f}" for k in ("loss", "part_ce", "fused_ce", "vis_bce", "invariance", "triplet")
+                              *(f"{k} {record[k]:.4f}" for k in LOSS_TERMS
                                 if k in record),
                               f"acc {100 * record['acc']:.1f}%", f"lr {record['lr']:.3g}",
                               f"{record['images_per_s']:.1f} img/s",
                               f"data wait {100 * record['data_wait']:.0f}%",
-                              *([f"vis_mae {record['vis_mae']:.3f}"] if "vis_mae" in record else [])]))
+                              *([f"vis_mae {record['vis_mae']:.3f}"] if "vis_mae" in record else []),
+                              *([f"region_mae {record['region_mae']:.3f}"] if "region_mae" in record else [])]))
 
 
 @cli

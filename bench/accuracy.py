@@ -16,7 +16,11 @@ as a validation set and is evaluated there only; the test split is touched once,
 the validation results of several configurations (e.g. learning rates) and names the best
 per variant. ``--occluded DIR`` (with --final) also evaluates on an occlusion benchmark made
 by ``prepare.py --occlude``: clean and occluded queries separately, learned and uniform
-weights, and the learned weight x P of occluded and visible stripes.
+weights, and the learned weight x P of occluded and visible stripes. ``--partial DIR`` (with
+--final) and ``--val_partial DIR`` do the same for a partial-view benchmark made by
+``prepare.py --partial``: partial and whole queries, and for the region head the same
+checkpoint with fixed stripes and uniform weights, and the weight x P of the body parts a
+partial query does not show.
 On a dataset with occlusion.json (the synthetic set) the same split is made on its test set.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch  # noqa: E402
 
 import datasets  # noqa: E402
 import evaluate  # noqa: E402
+import inference  # noqa: E402
 import results  # noqa: E402
 import train  # noqa: E402
 from utils import UserError, atomic_write_text, cli, load_checkpoint, load_yaml, save_figure  # noqa: E402
@@ -193,6 +198,66 @@ def originals_of(feats: dict, bench_dir: str, run_dir: Path) -> torch.Tensor:
     return out
 
 
+def split_by_view(feats: dict, truth: dict, weighting: str) -> dict:
+    """{'partial': metrics over the partial queries, 'whole': over the others, and one key per
+    kind of view ('top', 'bottom', 'side')}; a key is left out when it has no query."""
+    views = [datasets.partial_view(truth, p) for p in feats["query"]["paths"]]
+    groups = {"partial": [bool(v) for v in views], "whole": [not v for v in views]}
+    for kind in datasets.PARTIAL_KINDS:
+        groups[kind] = [bool(v) and v["kind"] == kind for v in views]
+    return {key: metrics_from_features(feats, weighting, torch.tensor(keep))
+            for key, keep in groups.items() if any(keep)}
+
+
+def view_weight_summary(feats: dict, truth: dict) -> dict:
+    """Mean learned weight x P (1.0 = uniform) of the parts a partial query does not show (its
+    view keeps under 5 % of that band of the body), of those it shows whole (over 95 %), and
+    of every part of the whole queries."""
+    q = feats["query"]
+    parts = q["weights"].shape[1]
+    wp = q["weights"] * parts
+    views = [datasets.partial_view(truth, p) for p in q["paths"]]
+    shown = torch.tensor([datasets.parts_shown(v["box"] if v else None, parts) for v in views])
+    partial = torch.tensor([bool(v) for v in views]).view(-1, 1).expand_as(wp)
+
+    def mean(mask):
+        return float(wp[mask].mean()) if mask.any() else float("nan")
+    return {"outside_view": mean(partial & (shown < VISIBLE_STRIPE)),
+            "inside_view": mean(partial & (shown > 1 - VISIBLE_STRIPE)),
+            "whole_queries": mean(~partial)}
+
+
+def partial_benchmark(feats: dict, truth: dict, opts: dict, data: str, fixed: dict | None = None) -> dict:
+    """Everything measured on a partial-view benchmark (prepare.py --partial): metrics of
+    partial and whole queries with the run's weights, for P > 1 with uniform weights, and
+    with ``fixed`` (the same checkpoint's features with fixed stripes, region head) the
+    fixed-stripe ablation; the learned weights against the parts each view shows."""
+    rec = {"data": data, "learned": split_by_view(feats, truth, opts["weighting"])}
+    if int(opts["parts"]) > 1:
+        rec["uniform_at_test"] = split_by_view(feats, truth, "uniform")
+    if fixed is not None:
+        rec["fixed_stripes"] = split_by_view(fixed, truth, "uniform")
+    if opts["weighting"] == "adaptive":
+        rec["weights"] = view_weight_summary(feats, truth)
+    return rec
+
+
+def fixed_stripe_features(run_dir: Path, data_dir: str, workers: int) -> dict:
+    """Features of a region-head run on ``data_dir`` with its fixed-stripe pooling (the model's
+    ``fixed_stripes`` switch): what the same checkpoint gives without part alignment."""
+    model, opts, _ = inference.load_model(run_dir)
+    model.fixed_stripes = True
+    data = datasets.load_dataset(data_dir, need=("query", "gallery"), log=lambda *_: None)
+    return inference.features_of(model, opts, data, device=torch.device("cpu"), workers=workers)[0]
+
+
+def _run_partial_benchmark(name: str, runs_dir: Path, workers: int, bench_dir: str, opts: dict) -> dict:
+    feats = _test_features(name, runs_dir, workers, bench_dir)
+    region = opts["weighting"] == "adaptive" and opts.get("head") == "region"
+    fixed = fixed_stripe_features(runs_dir / name, bench_dir, workers) if region else None
+    return partial_benchmark(feats, datasets.partial_truth(bench_dir), opts, str(bench_dir), fixed)
+
+
 def _feat_rows(opts: dict) -> int:
     """Height of the trunk's map for the run's input: /16 with last stride 1, else /32."""
     return -(-int(opts["height"]) // (16 if int(opts.get("last_stride", 1)) == 1 else 32))
@@ -261,8 +326,9 @@ def run_one(variant: str, seed: int, args) -> dict:
             hist = train.train(opts)["history"]
         record = {"variant": variant, "seed": seed, "preset": args.preset, "train_args": args.train_args,
                   "train_seconds": sum(h["seconds"] for h in hist), "final_acc": hist[-1]["acc"]}
-        if "vis_mae" in hist[-1]:
-            record["vis_mae"] = [round(h["vis_mae"], 4) for h in hist]
+        for key in ("vis_mae", "region_mae"):
+            if key in hist[-1]:
+                record[key] = [round(h[key], 4) for h in hist]
     adaptive = variant == "awpcn"
     if opts["val_ids"] and "val" not in record:
         record["val"], feats = _test(name, runs_dir, args.workers, "--split", "val")
@@ -279,6 +345,10 @@ def run_one(variant: str, seed: int, args) -> dict:
         record["occ_bench"] = occlusion_benchmark(feats, datasets.occlusion_truth(args.occluded), opts,
                                                   str(args.occluded),
                                                   originals_of(feats, args.occluded, runs_dir / name))
+    if args.val_partial and "val_part" not in record:
+        record["val_part"] = _run_partial_benchmark(name, runs_dir, args.workers, args.val_partial, opts)
+    if (args.final or not opts["val_ids"]) and args.partial and "part_bench" not in record:
+        record["part_bench"] = _run_partial_benchmark(name, runs_dir, args.workers, args.partial, opts)
     if (args.final or not opts["val_ids"]) and "learned" not in record:
         record["learned"], feats = _test(name, runs_dir, args.workers)
         if adaptive:
@@ -486,6 +556,46 @@ def _bench_section(records: list[dict], key: str, title: str) -> list[str]:
     return out
 
 
+PARTIAL_ROWS = ROWS + [("AWPCN checkpoint, fixed stripes + uniform weights", "awpcn", "fixed_stripes")]
+
+
+def _partial_section(records: list[dict], key: str, title: str) -> list[str]:
+    """Partial and whole queries of one partial-view benchmark: every weighting, paired
+    differences, and the learned weights of the parts the views do not show."""
+    rs = [r for r in records if key in r]
+    if not rs:
+        return []
+    out = [f"**{title}: `{rs[0][key]['data']}`**", ""]
+    for group in ("partial", "whole", *datasets.PARTIAL_KINDS):
+        if not any(group in r[key]["learned"] for r in rs):
+            continue
+        out += [f"{group} queries:", ""]
+        out += _table(records, [(lb, v, (key, k, group)) for lb, v, k in PARTIAL_ROWS])
+        if group in ("partial", "whole"):
+            pairs = [{"variant": r["variant"], "seed": r["seed"], "x": r[key]["learned"][group]}
+                     for r in rs if group in r[key]["learned"]]
+            diff = paired_difference(pairs, "x")
+            if diff:
+                out += [diff, ""]
+            fx = [r for r in rs if "fixed_stripes" in r[key] and group in r[key]["fixed_stripes"]]
+            if fx:
+                d = [r[key]["learned"][group]["mAP"] - r[key]["fixed_stripes"][group]["mAP"] for r in fx]
+                out += [f"AWPCN aligned parts − fixed stripes, same checkpoints "
+                        f"({','.join(str(r['seed']) for r in fx)}): mAP {_ms(d, signed=True)} points.", ""]
+    ws = [r[key]["weights"] for r in rs if "weights" in r[key]]
+    if ws:
+        out += ["AWPCN learned part weights × P on this benchmark (1.0 = uniform):", "",
+                "| parts | mean weight × P |", "| --- | --- |"]
+        for k, label in (("outside_view", "outside a partial query's view (< 5 % shown)"),
+                         ("inside_view", "inside it (> 95 % shown)"), ("whole_queries", "whole queries")):
+            vals = [w[k] for w in ws if w.get(k) == w.get(k)]
+            if vals:
+                out.append(f"| {label} | {statistics.mean(vals):.3f}"
+                           + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "") + " |")
+        out.append("")
+    return out
+
+
 def markdown(records: list[dict], args) -> str:
     flags = f" {' '.join(args.train_args)}" if args.train_args else ""
     out = [f"Dataset `{args.data_dir}`, preset `{args.preset}`{flags}; mean ± std over the seeds listed, "
@@ -499,6 +609,11 @@ def markdown(records: list[dict], args) -> str:
             out += [f"AWPCN visibility error on validation images with real-image occluders (mean |predicted − "
                     f"true| stripe visibility, last epoch): {statistics.mean(maes):.3f}"
                     + (f" ± {statistics.stdev(maes):.3f}" if len(maes) > 1 else "") + ".", ""]
+        maes = [r["region_mae"] for r in records if r.get("region_mae")]
+        if maes:
+            out += ["AWPCN region error on partial views of validation images (mean |predicted − true| "
+                    "original-body row of visible locations, in body heights), per epoch: "
+                    + "; ".join(" ".join(f"{v:.3f}" for v in m) for m in maes) + ".", ""]
     for suffix, title in (("", "test split, all queries"), ("_occluded_queries", "occluded queries only")):
         if not any("learned" + suffix in r for r in records):
             continue
@@ -510,6 +625,10 @@ def markdown(records: list[dict], args) -> str:
                           "--val_ids: where test-time settings are chosen)")
     out += _bench_section(records, "occ_bench", "occlusion benchmark (prepare.py --occlude: hard-edged occluders "
                           "cut from test-split images of other identities; never seen in training)")
+    out += _partial_section(records, "val_part", "partial-view benchmark of the validation ids (prepare.py "
+                            "--partial --val_ids: where settings are chosen)")
+    out += _partial_section(records, "part_bench", "partial-view benchmark (prepare.py --partial: test-split "
+                            "queries cut to their top, bottom or a side band, 40-80 %)")
     ws = [r["weights"] for r in records if "weights" in r]
     if ws:
         out += ["**AWPCN learned part weights × P (1.0 = uniform)**", ""] + _weights_table(ws)
@@ -523,7 +642,8 @@ def compare(outs: list[str]) -> str:
     by mean validation mAP over the seeds every configuration of that variant has (more seeds
     for the chosen one later must not change the choice): how settings are chosen without
     touching the test split."""
-    lines = ["| configuration | variant | seeds | val Rank-1 | val mAP |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| configuration | variant | seeds | val Rank-1 | val mAP | val partial queries mAP |",
+             "| --- | --- | --- | --- | --- | --- |"]
     val: dict[str, dict[str, dict[int, float]]] = {}
     for out in outs:
         path = Path(out) / "results.json"
@@ -535,8 +655,11 @@ def compare(outs: list[str]) -> str:
             if not rs:
                 continue
             flags = " ".join(rs[0]["train_args"])
+            part = [r["val_part"]["learned"]["partial"]["mAP"] for r in rs
+                    if "partial" in r.get("val_part", {}).get("learned", {})]
             lines.append(f"| `{flags}` | {variant} | {','.join(str(r['seed']) for r in rs)} | "
-                         f"{_ms([r['val']['rank1'] for r in rs])} | {_ms([r['val']['mAP'] for r in rs])} |")
+                         f"{_ms([r['val']['rank1'] for r in rs])} | {_ms([r['val']['mAP'] for r in rs])} | "
+                         f"{_ms(part) if part else '–'} |")
             val.setdefault(variant, {})[out] = {r["seed"]: r["val"]["mAP"] for r in rs}
     lines.append("")
     best: dict[str, tuple[float, str]] = {}
@@ -580,6 +703,11 @@ def main(argv=None) -> int:
     ap.add_argument("--val_occluded", default=None,
                     help="an occlusion benchmark of the validation ids (prepare.py --occlude --val_ids) to "
                          "evaluate every run on: where test-time settings are chosen")
+    ap.add_argument("--partial", default=None,
+                    help="with --final: a partial-view benchmark made by prepare.py --partial to evaluate on too")
+    ap.add_argument("--val_partial", default=None,
+                    help="a partial-view benchmark of the validation ids (prepare.py --partial --val_ids) to "
+                         "evaluate every run on")
     ap.add_argument("--compare", nargs="+", metavar="OUT", help="tabulate the validation results of these OUTs")
     ap.add_argument("--records", default=None,
                     help="also copy each finished run's bench.json, opts.yaml and train.log into RECORDS/RUN "
