@@ -156,21 +156,21 @@ class Thumbnails:
         return sum(v is not None for v in self.cache.values())
 
 
-def weight_strip(weights: torch.Tensor) -> str:
-    """A column of P cells, top stripe first, coloured and labelled by weight x P."""
+def weight_strip(weights: torch.Tensor, unit: str = "stripe") -> str:
+    """A column of P cells, top stripe (or body part, ``unit``) first, coloured and labelled by weight x P."""
     wp = (weights.float() * weights.numel()).tolist()
-    cells = "".join(f'<i style="background:{weight_colour(v)}" title="stripe {i + 1}: weight x P = {v:.3f}">'
+    cells = "".join(f'<i style="background:{weight_colour(v)}" title="{unit} {i + 1}: weight x P = {v:.3f}">'
                     f"{v:.1f}</i>" for i, v in enumerate(wp))
     return f'<span class="strip">{cells}</span>'
 
 
-def tile(thumbs: Thumbnails, path: str, weights: torch.Tensor, kind: str, caption: str) -> str:
+def tile(thumbs: Thumbnails, path: str, weights: torch.Tensor, kind: str, caption: str, unit: str = "stripe") -> str:
     """One image with its weight strip and caption; kind: query, hit, miss, first or plain."""
     uri = thumbs(path)
     alt = _e(os.path.basename(path))
     pic = (f'<img src="{uri}" alt="{alt}" height="{thumbs.height}">' if uri else
            f'<span class="noimg" title="{_e(path)}">image<br>missing</span>')
-    return (f'<figure class="tile {kind}" title="{_e(path)}"><div class="pic">{pic}{weight_strip(weights)}</div>'
+    return (f'<figure class="tile {kind}" title="{_e(path)}"><div class="pic">{pic}{weight_strip(weights, unit)}</div>'
             f"<figcaption>{caption}</figcaption></figure>")
 
 
@@ -309,10 +309,22 @@ def subset_table(cols: list[Column], groups: list[tuple[str, torch.Tensor]], tab
     return "".join(rows) + "</table>"
 
 
+def view_note(partial: dict | None, path: str) -> str:
+    """'partial: top 55 %' for a query a --partial benchmark cut, else ''."""
+    view = datasets.partial_view(partial, path) if partial is not None else None
+    if not view:
+        return ""
+    y0, x0, y1, x1 = view["box"]
+    kept = (x1 - x0) if view["kind"] == "side" else (y1 - y0)
+    return f'<br><span class="warn">partial: {_e(view["kind"])} {100 * kept:.0f} %</span>'
+
+
 def query_rows(idx: list[int], feats: dict, weighting: str, per_query: evaluate.PerQuery, thumbs: Thumbnails,
-               truth: dict | None, css_class: str) -> str:
+               truth: dict | None, css_class: str, partial: dict | None = None, unit: str = "stripe") -> str:
     """One row per query: the query, its top-10 under ``weighting`` (green = same id, red =
-    another), and its first true match when that is ranked beyond the top-10."""
+    another), and its first true match when that is ranked beyond the top-10. ``partial``:
+    a partial-view benchmark's ground truth, noted under its cut queries; ``unit``: what a
+    weight strip's cell is (stripe, or body part for the region head)."""
     if not idx:
         return '<p class="note">none</p>'
     q, g = feats["query"], feats["gallery"]
@@ -329,22 +341,23 @@ def query_rows(idx: list[int], feats: dict, weighting: str, per_query: evaluate.
         occ = ""
         if truth is not None and datasets.occluded_rows(truth, q["paths"][i]):
             occ = '<br><span class="warn">occluded</span>'
-        cap = (f"query {i}<br>id {qpid} · cam {qcam + 1}<br>AP {_pct(float(per_query.ap[i]))}{occ}")
-        tiles = [tile(thumbs, q["paths"][i], q["weights"][i], "query", cap), '<span class="sep"></span>']
+        cap = (f"query {i}<br>id {qpid} · cam {qcam + 1}<br>AP {_pct(float(per_query.ap[i]))}{occ}"
+               f"{view_note(partial, q['paths'][i])}")
+        tiles = [tile(thumbs, q["paths"][i], q["weights"][i], "query", cap, unit), '<span class="sep"></span>']
         for k, (gi, d) in enumerate(zip(order[r].tolist(), dd[r].tolist())):
             if gi < 0:
                 break
             gpid = int(g["pids"][gi])
             kind = "hit" if gpid == qpid else "miss"
             tiles.append(tile(thumbs, g["paths"][gi], g["weights"][gi], kind,
-                              f"#{k + 1} id {gpid}<br>d={d:.3f}"))
+                              f"#{k + 1} id {gpid}<br>d={d:.3f}", unit))
         f = int(first[r])
         if f >= TOPK:
             same = (g["pids"] == qpid) & (g["cams"] != qcam)
             gi = int(torch.where(same, dist[r].nan_to_num(nan=math.inf), math.inf).argmin())
             tiles.append(f'<span class="more">first true match at rank {f + 1}</span>')
             tiles.append(tile(thumbs, g["paths"][gi], g["weights"][gi], "first",
-                              f"#{f + 1} id {qpid}<br>d={float(dist[r, gi]):.3f}"))
+                              f"#{f + 1} id {qpid}<br>d={float(dist[r, gi]):.3f}", unit))
         out.append(f'<div class="row {css_class}" data-query="{i}" data-ap="{float(per_query.ap[i])!r}" '
                    f'data-first="{f + 1}">{"".join(tiles)}</div>')
     return "".join(out)
@@ -363,6 +376,134 @@ def _run_options(run_dir: Path, which: str) -> dict:
     opts = load_yaml(path)
     check_options(opts, path)
     return opts
+
+
+def _header(feats: dict, opts: dict, run_dir: Path, primary: str, pq: evaluate.PerQuery, ap: str,
+            unit: str) -> list[tuple[str, str]]:
+    """The run table at the top: (label, HTML) rows."""
+    q, g = feats["query"], feats["gallery"]
+    parts, test_root = int(q["weights"].shape[1]), feats.get("data_root", "?")
+    trained_on = run_data_dir(opts)
+    if not trained_on:
+        sets_note = '<span class="warn">training set unknown (no opts.yaml data_root)</span>'
+    elif same_dataset(trained_on, test_root):
+        sets_note = "same dataset as training (its own query/gallery split)"
+    else:
+        sets_note = '<span class="badge">cross-dataset</span> the test set is not the training set'
+    skipped = (pq.first < 0).nonzero(as_tuple=True)[0].tolist()
+    skipped_txt = (f'<span class="warn">{len(skipped)}</span> (no valid gallery match): '
+                   + _e(", ".join(os.path.basename(q["paths"][i]) for i in skipped[:10]))
+                   + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")) if skipped else "0"
+    model_txt = (f"{opts.get('backbone', '?')}, P={parts} {unit}s, input {opts.get('height', '?')}×{opts.get('width', '?')}, "
+                 f"{int(q['emb'].shape[2])}-d part embeddings, head {opts.get('head', '?')}, trained with "
+                 f"{feats.get('weighting', 'adaptive')} weights") if opts else f"P={parts} stripes (opts.yaml missing)"
+    n_ids = lambda pids: len(set(pids[pids > 0].tolist()))  # noqa: E731  (0: distractors, -1: junk)
+    return [
+        ("run", f"{_e(feats['run'])} <span class=note>({_e(run_dir)})</span>"),
+        ("checkpoint", f"{_e(feats.get('checkpoint', '?'))}.pt, epoch {_e(feats.get('epoch', '?'))}"
+                       + (f" of {_e(opts['epochs'])}" if "epochs" in opts else "")),
+        ("model", _e(model_txt)),
+        ("training set", _e(trained_on or "?") + (f" ({_e(opts['num_classes'])} identities)" if "num_classes" in opts else "")),
+        ("test set", f"{_e(test_root)} — {sets_note}"),
+        ("protocol", _e(PROTOCOL)),
+        ("AP formula", _e(evaluate.AP_FORMULAS[ap])),
+        ("queries × gallery", f"{len(q['paths'])} queries ({n_ids(q['pids'])} ids) × {len(g['paths'])} gallery "
+                              f"images ({n_ids(g['pids'])} ids, {int((g['pids'] == 0).sum())} distractors)"),
+        ("skipped queries", skipped_txt),
+        ("failure lists ranked with", _e(LABELS[primary]) + ", plain distance (not re-ranked)"),
+    ]
+
+
+def _metrics_section(cols: list[Column]) -> str:
+    palette = {"adaptive": "#d62728", "uniform": "#1f77b4"}
+    series = [(c.label, palette[c.weighting], "", c.plain.cmc.tolist()) for c in cols]
+    series += [(c.label + ", re-ranked", palette[c.weighting], "6 4", c.rerank.cmc.tolist())
+               for c in cols if c.rerank is not None]
+    ablation = ("The same checkpoint and features ranked with the learned part weights and with equal weights "
+                "(the PCB ablation): the difference is what the weights do at test time."
+                if len(cols) == 2 else "A uniform-weight run: the learned-weight column does not apply.")
+    return (f'<p class="note">{ablation}</p>' + metrics_table(cols)
+            + '<div class="plots">' + svg_lines(series, xlabel="rank", ylabel="matching rate (%)") + "</div>")
+
+
+def _weights_section(feats: dict, thumbs: Thumbnails, truth: dict | None, partial: dict | None, unit: str) -> str:
+    """Mean weight per part, the spread histogram and the images with the most uneven weights."""
+    q, g = feats["query"], feats["gallery"]
+    nq, parts = len(q["paths"]), int(q["weights"].shape[1])
+    qs, gs = weight_stats(q["weights"]), weight_stats(g["weights"])
+    head = "".join(f"<th>{unit} {i + 1}{' (top)' if i == 0 else ' (bottom)' if i == parts - 1 else ''}</th>"
+                   for i in range(parts))
+    wrows = "".join(
+        f'<tr><td class="k">{name} ({len(s["spread"])} images)</td>'
+        + "".join(f'<td style="background:{weight_colour(m)}" data-value="{float(m)!r}">{m:.3f} ± {sd:.3f}</td>'
+                  for m, sd in zip(s["mean"].tolist(), s["std"].tolist())) + "</tr>"
+        for name, s in (("query", qs), ("gallery", gs)))
+    all_w = torch.cat([q["weights"], g["weights"]])
+    spread = torch.cat([qs["spread"], gs["spread"]])
+    uneven = torch.sort(spread, descending=True, stable=True).indices[:UNEVEN].tolist()
+    tiles = []
+    for j in uneven:
+        split, i = ("query", j) if j < nq else ("gallery", j - nq)
+        s = feats[split]
+        occ = ""
+        if truth is not None:
+            entry = datasets.occluded_rows(truth, s["paths"][i])
+            hidden = [k + 1 for k, f in enumerate(datasets.stripe_hidden(entry, parts, truth.get("height", 0)))
+                      if f >= 0.5]
+            occ = ("<br>clean" if not entry else '<br><span class="warn">occluded'
+                   + (f": stripe{'s' * (len(hidden) > 1)} {','.join(map(str, hidden))}" if hidden else "") + "</span>")
+        tiles.append(tile(thumbs, s["paths"][i], all_w[j], "plain",
+                          f"{split} {i}<br>id {int(s['pids'][i])} · cam {int(s['cams'][i]) + 1}"
+                          f"<br>spread {float(spread[j]):.2f}{occ}"
+                          f"{view_note(partial, s['paths'][i]) if split == 'query' else ''}", unit))
+    return (
+        f'<p class="note">Mean learned weight × P per {unit} (1.0 = uniform; ± the standard deviation over images). '
+        "Colour: red = trusted less than uniform, yellow = uniform, green = trusted more.</p>"
+        f'<table id="stripe-table"><tr><th class="k">images</th>{head}</tr>{wrows}</table>'
+        '<div class="plots">' + svg_histogram([("query", "#d62728", qs["spread"]), ("gallery", "#1f77b4", gs["spread"])],
+                                              xlabel=f"per-image spread: max − min of weight × P over {unit}s")
+        + "</div>"
+        f'<h3>The {len(uneven)} images with the most uneven weights</h3><p class="note">Where the head thinks '
+        f"a {unit} is hidden or unreliable. Strip beside each image: weight × P of each {unit}, top to bottom.</p>"
+        f'<div class="gallery" id="uneven">{"".join(tiles)}</div>')
+
+
+def _occlusion_section(cols: list[Column], feats: dict, truth: dict | None) -> str:
+    if truth is None:
+        return f'<p class="note">No occlusion ground truth: {_e(feats.get("data_root", "?"))} has no occlusion.json.</p>'
+    occ_q = torch.tensor([bool(datasets.occluded_rows(truth, p)) for p in feats["query"]["paths"]], dtype=torch.bool)
+    keys = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("mAP", "mAP"), ("mINP", "mINP"))
+    return ('<p class="note">Split by the generator\'s ground truth (occlusion.json): a query is occluded '
+            "when an occluder hides some of its rows.</p>"
+            + subset_table(cols, [("occluded", occ_q), ("clean", ~occ_q), ("all", torch.ones_like(occ_q))],
+                           "occlusion-table", keys))
+
+
+def _partial_section(cols: list[Column], feats: dict, partial: dict, unit: str) -> str:
+    views = [datasets.partial_view(partial, p) for p in feats["query"]["paths"]]
+    groups = [("partial", torch.tensor([bool(v) for v in views])), ("whole", torch.tensor([not v for v in views]))]
+    groups += [(kind, torch.tensor([bool(v) and v["kind"] == kind for v in views])) for kind in datasets.PARTIAL_KINDS]
+    return ('<p class="note">Split by the benchmark\'s ground truth (partial.json, prepare.py --partial): a '
+            "partial query is cut to its top, bottom or a side band and resized to full size. Its weight "
+            f"strip shows which {unit}s the model thinks it sees.</p>"
+            + subset_table(cols, [(k, m) for k, m in groups if m.any()], "partial-table"))
+
+
+def _page(title: str, info: list[tuple[str, str]], sections: list[tuple[str, str, str]]) -> str:
+    page = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        # Nothing outside this file may load: the page must open the same offline and on any machine.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f'<link rel="icon" href="data:,"><title>{_e(title)}</title><style>{CSS}</style></head><body>',
+        '<nav><a href="#header">Run</a>' + "".join(f'<a href="#{sid}">{_e(name.split(" by ")[0])}</a>'
+                                                   for sid, name, _ in sections) + "</nav><main>",
+        f'<section id="header"><h1>{_e(title)}</h1><table class="info">'
+        + "".join(f'<tr><th class="k">{k}</th><td>{v}</td></tr>' for k, v in info) + "</table></section>",
+    ]
+    page += [f'<section id="{sid}"><h2>{_e(name)}</h2>{body}</section>' for sid, name, body in sections]
+    page.append("</main></body></html>\n")
+    return "".join(page)
 
 
 def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap: str = evaluate.DEFAULT_AP,
@@ -384,127 +525,34 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
     if ap not in evaluate.AP_FORMULAS:
         raise UserError(f"--ap {ap}: expected one of {', '.join(evaluate.AP_FORMULAS)}")
     opts = _run_options(run_dir, feats.get("checkpoint") or "last")
-    q, g = feats["query"], feats["gallery"]
     run_weighting = feats.get("weighting", "adaptive")
     primary = weighting or run_weighting
     weightings = list(WEIGHTINGS) if "adaptive" in (run_weighting, primary) else ["uniform"]
     cols = evaluate_columns(feats, weightings, ap=ap, rerank=rerank, known=known)
-    main_col = cols[weightings.index(primary)]
-    pq = main_col.plain.per_query
-    nq, ng = len(q["paths"]), len(g["paths"])
-    parts = int(q["weights"].shape[1])
+    pq = cols[weightings.index(primary)].plain.per_query
     test_root = feats.get("data_root", "?")
     truth = datasets.occlusion_truth(test_root) if test_root != "?" else None
+    partial = datasets.partial_truth(test_root) if test_root != "?" else None
+    # A region head's weights are body parts' visibility, not stripes'.
+    unit = "body part" if run_weighting == "adaptive" and opts.get("head") == "region" else "stripe"
     thumbs = Thumbnails()
-
-    # ---- header
-    trained_on = run_data_dir(opts)
-    if not trained_on:
-        sets_note = '<span class="warn">training set unknown (no opts.yaml data_root)</span>'
-    elif same_dataset(trained_on, test_root):
-        sets_note = "same dataset as training (its own query/gallery split)"
-    else:
-        sets_note = '<span class="badge">cross-dataset</span> the test set is not the training set'
-    skipped = (pq.first < 0).nonzero(as_tuple=True)[0].tolist()
-    skipped_txt = (f'<span class="warn">{len(skipped)}</span> (no valid gallery match): '
-                   + _e(", ".join(os.path.basename(q["paths"][i]) for i in skipped[:10]))
-                   + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")) if skipped else "0"
-    model_txt = (f"{opts.get('backbone', '?')}, P={parts} stripes, input {opts.get('height', '?')}×{opts.get('width', '?')}, "
-                 f"{int(q['emb'].shape[2])}-d part embeddings, head {opts.get('head', '?')}, trained with "
-                 f"{run_weighting} weights") if opts else f"P={parts} stripes (opts.yaml missing)"
-    n_ids = lambda pids: len(set(pids[pids > 0].tolist()))  # noqa: E731  (0: distractors, -1: junk)
-    info = [
-        ("run", f"{_e(feats['run'])} <span class=note>({_e(run_dir)})</span>"),
-        ("checkpoint", f"{_e(feats.get('checkpoint', '?'))}.pt, epoch {_e(feats.get('epoch', '?'))}"
-                       + (f" of {_e(opts['epochs'])}" if "epochs" in opts else "")),
-        ("model", _e(model_txt)),
-        ("training set", _e(trained_on or "?") + (f" ({_e(opts['num_classes'])} identities)" if "num_classes" in opts else "")),
-        ("test set", f"{_e(test_root)} — {sets_note}"),
-        ("protocol", _e(PROTOCOL)),
-        ("AP formula", _e(evaluate.AP_FORMULAS[ap])),
-        ("queries × gallery", f"{nq} queries ({n_ids(q['pids'])} ids) × {ng} gallery images ({n_ids(g['pids'])} ids, "
-                              f"{int((g['pids'] == 0).sum())} distractors)"),
-        ("skipped queries", skipped_txt),
-        ("failure lists ranked with", _e(LABELS[primary]) + ", plain distance (not re-ranked)"),
-    ]
-
-    # ---- metrics
-    palette = {"adaptive": "#d62728", "uniform": "#1f77b4"}
-    series = [(c.label, palette[c.weighting], "", c.plain.cmc.tolist()) for c in cols]
-    series += [(c.label + ", re-ranked", palette[c.weighting], "6 4", c.rerank.cmc.tolist())
-               for c in cols if c.rerank is not None]
-    ablation = ("The same checkpoint and features ranked with the learned part weights and with equal weights "
-                "(the PCB ablation): the difference is what the weights do at test time."
-                if len(cols) == 2 else "A uniform-weight run: the learned-weight column does not apply.")
-    metrics_html = (f'<p class="note">{ablation}</p>' + metrics_table(cols)
-                    + '<div class="plots">' + svg_lines(series, xlabel="rank", ylabel="matching rate (%)") + "</div>")
-
-    # ---- part weights
-    qs, gs = weight_stats(q["weights"]), weight_stats(g["weights"])
-    head = "".join(f"<th>stripe {i + 1}{' (top)' if i == 0 else ' (bottom)' if i == parts - 1 else ''}</th>"
-                   for i in range(parts))
-    wrows = "".join(
-        f'<tr><td class="k">{name} ({len(s["spread"])} images)</td>'
-        + "".join(f'<td style="background:{weight_colour(m)}" data-value="{float(m)!r}">{m:.3f} ± {sd:.3f}</td>'
-                  for m, sd in zip(s["mean"].tolist(), s["std"].tolist())) + "</tr>"
-        for name, s in (("query", qs), ("gallery", gs)))
-    all_w = torch.cat([q["weights"], g["weights"]])
-    spread = torch.cat([qs["spread"], gs["spread"]])
-    uneven = torch.sort(spread, descending=True, stable=True).indices[:UNEVEN].tolist()
-    uneven_tiles = []
-    for j in uneven:
-        split, i = ("query", j) if j < nq else ("gallery", j - nq)
-        s = feats[split]
-        occ = ""
-        if truth is not None:
-            entry = datasets.occluded_rows(truth, s["paths"][i])
-            hidden = [k + 1 for k, f in enumerate(datasets.stripe_hidden(entry, parts, truth.get("height", 0)))
-                      if f >= 0.5]
-            occ = ("<br>clean" if not entry else '<br><span class="warn">occluded'
-                   + (f": stripe{'s' * (len(hidden) > 1)} {','.join(map(str, hidden))}" if hidden else "") + "</span>")
-        uneven_tiles.append(tile(thumbs, s["paths"][i], all_w[j], "plain",
-                                 f"{split} {i}<br>id {int(s['pids'][i])} · cam {int(s['cams'][i]) + 1}"
-                                 f"<br>spread {float(spread[j]):.2f}{occ}"))
-    weights_html = (
-        '<p class="note">Mean learned weight × P per stripe (1.0 = uniform; ± the standard deviation over images). '
-        "Colour: red = trusted less than uniform, yellow = uniform, green = trusted more.</p>"
-        f'<table id="stripe-table"><tr><th class="k">images</th>{head}</tr>{wrows}</table>'
-        '<div class="plots">' + svg_histogram([("query", "#d62728", qs["spread"]), ("gallery", "#1f77b4", gs["spread"])],
-                                              xlabel="per-image spread: max − min of weight × P over stripes")
-        + "</div>"
-        f'<h3>The {len(uneven)} images with the most uneven weights</h3><p class="note">Where the head thinks '
-        "a stripe is hidden or unreliable. Strip beside each image: weight × P of each stripe, top to bottom.</p>"
-        f'<div class="gallery" id="uneven">{"".join(uneven_tiles)}</div>')
-
-    # ---- per camera
+    info = _header(feats, opts, run_dir, primary, pq, ap, unit)
+    q = feats["query"]
     cams = sorted(set(q["cams"].tolist()))
-    cam_html = subset_table(cols, [(f"camera {c + 1}", q["cams"] == c) for c in cams], "camera-table")
-
-    # ---- occlusion
-    if truth is not None:
-        occ_q = torch.tensor([bool(datasets.occluded_rows(truth, p)) for p in q["paths"]], dtype=torch.bool)
-        keys = (("rank1", "Rank-1"), ("rank5", "Rank-5"), ("mAP", "mAP"), ("mINP", "mINP"))
-        occ_html = ('<p class="note">Split by the generator\'s ground truth (occlusion.json): a query is occluded '
-                    "when an occluder hides some of its rows.</p>"
-                    + subset_table(cols, [("occluded", occ_q), ("clean", ~occ_q), ("all", torch.ones_like(occ_q))],
-                                   "occlusion-table", keys))
-    else:
-        occ_html = f'<p class="note">No occlusion ground truth: {_e(test_root)} has no occlusion.json.</p>'
-
-    # ---- failures and successes
     bad, good = pick_queries(pq)
     fail_html = ('<p class="note">Each row: the query (black border), its top-10 (green border = same identity, '
                  "red = another; distance under each) and, when the first true match is ranked beyond 10, that "
-                 "match (dashed). Strips: part weight × P of each stripe.</p>"
-                 + query_rows(bad, feats, primary, pq, thumbs, truth, "worst"))
+                 f"match (dashed). Strips: part weight × P of each {unit}.</p>"
+                 + query_rows(bad, feats, primary, pq, thumbs, truth, "worst", partial, unit))
     good_html = ('<p class="note">Queries with a true match at rank 1 and an AP near the median of such queries.</p>'
-                 + query_rows(good, feats, primary, pq, thumbs, truth, "typical"))
-
+                 + query_rows(good, feats, primary, pq, thumbs, truth, "typical", partial, unit))
     sections = [
-        ("metrics", "Metrics", metrics_html),
-        ("weights", "Part weights", weights_html),
-        ("cameras", "Per query camera", cam_html),
-        ("occlusion", "Occluded vs clean queries", occ_html),
+        ("metrics", "Metrics", _metrics_section(cols)),
+        ("weights", "Part weights", _weights_section(feats, thumbs, truth, partial, unit)),
+        ("cameras", "Per query camera", subset_table(cols, [(f"camera {c + 1}", q["cams"] == c) for c in cams],
+                                                     "camera-table")),
+        ("occlusion", "Occluded vs clean queries", _occlusion_section(cols, feats, truth)),
+        *([("partial", "Partial vs whole queries", _partial_section(cols, feats, partial, unit))] if partial else []),
         ("failures", f"The {len(bad)} worst queries by AP", fail_html),
         ("successes", f"{len(good)} typical successes", good_html),
     ]
@@ -513,22 +561,8 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
     info += [("thumbnails", f"{thumbs.made} images embedded ({thumbs.bytes / 1024:.0f} KiB as JPEG); unreadable: {missing}"),
              ("built", f"{time.strftime('%Y-%m-%d %H:%M:%S')} from {_e(run_dir / FEATURES_FILE)} in "
                        f"{time.perf_counter() - t0:.1f} s")]
-    title = f"AWPCN report — {feats['run']}"
-    page = [
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-        # Nothing outside this file may load: the page must open the same offline and on any machine.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">",
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f'<link rel="icon" href="data:,"><title>{_e(title)}</title><style>{CSS}</style></head><body>',
-        '<nav><a href="#header">Run</a>' + "".join(f'<a href="#{sid}">{_e(name.split(" by ")[0])}</a>'
-                                                   for sid, name, _ in sections) + "</nav><main>",
-        f'<section id="header"><h1>{_e(title)}</h1><table class="info">'
-        + "".join(f'<tr><th class="k">{k}</th><td>{v}</td></tr>' for k, v in info) + "</table></section>",
-    ]
-    page += [f'<section id="{sid}"><h2>{_e(name)}</h2>{body}</section>' for sid, name, body in sections]
-    page.append("</main></body></html>\n")
     path = Path(out) if out else run_dir / REPORT_FILE
-    atomic_write_text(path, "".join(page))
+    atomic_write_text(path, _page(f"AWPCN report — {feats['run']}", info, sections))
     return path
 
 

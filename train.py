@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 from losses import awpcn_loss
-from model import BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, AWPCN, installed_mobilenet_v2_weights
+from model import BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, AWPCN, build_model, installed_mobilenet_v2_weights
 from utils import (DEFAULT_RUN, FEATURES_FILE, RUN_LOCK, TEMP_NAME, UserError, cli, get_logger, close_logger,
                    load_checkpoint, lock_run, progress, remove_stale_temp_files, save_checkpoint, save_figure, save_yaml,
                    load_yaml, select_device)
@@ -539,9 +539,9 @@ def train(opts: dict, *, stop_after_epoch: int | None = None) -> dict:
                                     "--allow_data_change to continue on them as they are now")
                 say(f"note: {what}; continuing, as --allow_data_change asks")
         torch.manual_seed(opts["seed"])
-        model = AWPCN(opts["num_classes"], pretrained=opts["pretrained"] if state is None else "none",
-                      weights=opts["weights"] if state is None else None,
-                      **{k: opts[k] for k in MODEL_KEYS if k != "num_classes"}).to(device)
+        # As every reader rebuilds it; a resumed run takes its weights from the checkpoint.
+        model = build_model(opts, pretrained=None if state is None else "none",
+                            weights=None if state is None else "").to(device)
         if state is not None:
             _load_weights(model, state, run_dir)
         if main_proc:

@@ -160,14 +160,35 @@ def test_an_untrained_region_head_starts_as_the_fixed_stripes():
     assert torch.allclose(w, torch.full((2, 4), 0.25), atol=1e-3)
 
 
-def test_region_head_trains_and_logs_its_row_error(synthetic_dir, tmp_path):
-    opts = tiny_opts(synthetic_dir, tmp_path, "region", "--epochs", "1", "--head", "region",
-                     "--partial_prob", "0.5", "--val_ids", "0.3")
-    train.train(opts)
-    hist = load_checkpoint(tmp_path / "region" / "last.pt")["history"]
+@pytest.fixture(scope="module")
+def region_run(synthetic_dir, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    train.train(tiny_opts(synthetic_dir, runs, "region", "--epochs", "1", "--head", "region",
+                          "--partial_prob", "0.5", "--val_ids", "0.3"))
+    return runs / "region"
+
+
+def test_region_head_trains_and_logs_its_row_error(region_run):
+    hist = load_checkpoint(region_run / "last.pt")["history"]
     assert 0 < hist[-1]["region_mae"] < 0.5 and hist[-1]["region_ce"] > 0
-    log = (tmp_path / "region" / "train.log").read_text()
+    log = (region_run / "train.log").read_text()
     assert "region_mae" in log and "region_ce" in log
+
+
+def test_report_splits_partial_queries_and_labels_body_parts(region_run, synthetic_dir, tmp_path):
+    import report
+    import results
+
+    bench = tmp_path / "part"
+    converters.make_partial(synthetic_dir, bench, fraction=0.5, seed=0, log=lambda *_: None)
+    args = results.build_parser().parse_args(["--name", region_run.name, "--runs_dir", str(region_run.parent),
+                                              "--data_dir", str(bench), "--workers", "0", "--report"])
+    results.run_test(args)
+    page = (region_run / "report.html").read_text()
+    assert '<section id="partial">' in page and 'id="partial-table"' in page
+    table = page.split('id="partial-table"')[1].split("</table>")[0]
+    assert ">partial<" in table and ">whole<" in table
+    assert 'title="body part 1: weight x P' in page and "partial: " in page
 
 
 def test_region_export_matches_pytorch(tmp_path):
