@@ -115,7 +115,7 @@ def test_an_opts_yaml_that_disagrees_with_the_checkpoint_is_refused_by_every_too
     (lambda o: o.update(height="64"), "height is '64' (str), expected an integer; set it back to `height: 64`"),
     (lambda o: o.update(parts=4.0), "parts is 4.0 (float), expected an integer; set it back to `parts: 4`"),
     (lambda o: o.update(width=True), "width is True (bool), expected an integer"),
-    (lambda o: o.update(head="bogus"), "head is 'bogus', expected one of visibility, spatial, softmax"),
+    (lambda o: o.update(head="bogus"), "head is 'bogus', expected one of visibility, spatial, region, softmax"),
     (lambda o: o.pop("embed_dim"), "no 'embed_dim' key; set it back to `embed_dim: 32`"),
     (lambda o: [o.pop("data_root"), o.pop("data_dir")], "no data_root or data_dir key"),
 ])
