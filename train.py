@@ -562,8 +562,9 @@ def train(opts: dict, *, stop_after_epoch: int | None = None) -> dict:
             log.disabled = True
         for line in early:
             log.info(line)
-        return _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, data, val, model,
-                      fingerprint)
+        loop = _setup(opts, state, data, val, model, fingerprint, run_dir=run_dir, rank=rank, world=world,
+                      device=device, log=log)
+        return _fit(loop, opts["epochs"] if stop_after_epoch is None else min(opts["epochs"], stop_after_epoch))
     finally:
         if log is not None:
             close_logger(log)
@@ -574,7 +575,11 @@ def train(opts: dict, *, stop_after_epoch: int | None = None) -> dict:
             lock.close()
 
 
-def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, data, val, model, fingerprint):
+def _setup(opts: dict, state: dict | None, data: datasets.ReIDData, val: datasets.ReIDData | None, model: AWPCN,
+           fingerprint: dict, *, run_dir: Path, rank: int, world: int, device: torch.device,
+           log: logging.Logger) -> _Loop:
+    """Everything an epoch needs, from the built model (and a resumed run's checkpoint ``state``):
+    optimiser, loader pieces, loss settings and the validation probes."""
     main_proc = rank == 0
     seed = opts["seed"]
     if opts["channels_last"]:
@@ -629,7 +634,6 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
                  f"{'/' + opts['head'] if opts['weighting'] == 'adaptive' else ''} on {device} x{world}: "
                  f"{len(sampler)} steps/epoch of {opts['batchsize']} images, epochs {start_epoch + 1}..{opts['epochs']}")
 
-    last_epoch = opts["epochs"] if stop_after_epoch is None else min(opts["epochs"], stop_after_epoch)
     probe = rprobe = None
     if main_proc and val is not None and model.weighting == "adaptive" and model.head != "softmax":
         probe = visibility_probe(val, opts)
@@ -639,16 +643,23 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
         rprobe = region_probe(val, opts)
         log.info(f"region probe: {len(rprobe[0])} validation images cut to partial views; region_mae = mean "
                  "|predicted - true| original-body row of their visible locations, in body heights")
-    loop = _Loop(opts, model, net, optimizer, scaler, use_cuda_amp, sampler, train_set, data, history,
+    return _Loop(opts, model, net, optimizer, scaler, use_cuda_amp, sampler, train_set, data, history,
                  device, world, rank, run_dir, log, amp_ctx, loss_kw, epoch=start_epoch, probe=probe,
-                 fingerprint=fingerprint)
+                 region_probe=rprobe, fingerprint=fingerprint)
+
+
+def _fit(loop: _Loop, last_epoch: int) -> dict:
+    """Epochs ``loop.epoch + 1 .. last_epoch``; returns ``{'run_dir', 'history'}``. Ctrl-C
+    leaves the mid-epoch weights in interrupted.pt."""
+    opts, model, device, history, run_dir = loop.opts, loop.model, loop.device, loop.history, loop.run_dir
+    main_proc = loop.rank == 0
     try:
-        for epoch in range(start_epoch, last_epoch):
+        for epoch in range(loop.epoch, last_epoch):
             record = _train_epoch(loop, epoch)
-            if probe is not None:
-                record["vis_mae"] = visibility_error(model, probe, device, opts["channels_last"])
-            if rprobe is not None:
-                record["region_mae"] = region_error(model, rprobe, device, opts["channels_last"])
+            if loop.probe is not None:
+                record["vis_mae"] = visibility_error(model, loop.probe, device, opts["channels_last"])
+            if loop.region_probe is not None:
+                record["region_mae"] = region_error(model, loop.region_probe, device, opts["channels_last"])
             history.append(record)
             if main_proc:
                 _end_epoch(loop, epoch, record)
@@ -657,12 +668,12 @@ def _train(opts, state, run_dir, rank, world, device, log, stop_after_epoch, dat
             # Mid-epoch weights for inspection (test.py --which interrupted); exact resumption
             # restarts the interrupted epoch from last.pt.
             save_checkpoint({"epoch": loop.epoch, "iteration": loop.iteration,  # completed + partial
-                             "model": model.state_dict(), "opts": opts, "train_pids": data.train_pids,
+                             "model": model.state_dict(), "opts": opts, "train_pids": loop.data.train_pids,
                              "history": history}, run_dir / "interrupted.pt")
             exc.saved_to = run_dir / "interrupted.pt"  # for main()'s message: saved by this run
         raise
     if main_proc and last_epoch == opts["epochs"]:
-        log.info(f"done: {run_dir}  (evaluate with: python test.py --name {opts['name']}"
+        loop.log.info(f"done: {run_dir}  (evaluate with: python test.py --name {opts['name']}"
                  f"{'' if opts['runs_dir'] == 'model' else ' --runs_dir ' + opts['runs_dir']})")
     return {"run_dir": run_dir, "history": history}
 
@@ -691,6 +702,7 @@ class _Loop:
     epoch: int = 0
     iteration: int = 0
     probe: tuple | None = None  # (images, per-pixel visibility) for the per-epoch visibility error
+    region_probe: tuple | None = None  # (images, visibility, body rows) for the per-epoch region error
     fingerprint: dict | None = None  # train_fingerprint of the images trained on
 
 
