@@ -521,26 +521,11 @@ def _pick_queries(by_cam: dict, q: int, rng: np.random.Generator) -> set:
     return picked
 
 
-def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test_ids: float = 0.5, seed: int = 0,
-                    overwrite: bool = False, log: Log = print) -> dict:
-    """``SRC/<person>/<image>`` (or ``SRC/<person>/<camera>/<image>``) -> Market layout.
-
-    Persons (natural order of folder names) become pids 1..N (``persons.tsv``). Test ids are
-    drawn (seeded) among the persons that can be queried; each gets ``query_per_id`` queries
-    per camera, the rest of its images go to the gallery. Without cameras (``cams="none"``,
-    or no camera subfolders): queries are written as camera 1 and the gallery as camera 2, so
-    the evaluator's same-camera filter never removes a match: every other image of the
-    person counts (the query itself is never in the gallery).
-    """
-    src, out = Path(src), Path(out)
-    if cams not in ("auto", "none"):
-        raise UserError(f"--cams {cams}: expected auto or none")
-    if query_per_id < 1:
-        raise UserError(f"--query_per_id {query_per_id}: must be at least 1")
-    frac, count = _parse_test_ids(test_ids)
-    if not src.is_dir():
-        raise UserError(f"{src}: no such folder (expected one folder per person: {src}/<person>/<image>)")
-    _check_target((src,), out, overwrite, log)
+def _scan_persons(src: Path, cams: str) -> dict:
+    """What ``SRC/<person>/[<camera>/]<image>`` holds: ``persons`` [(folder, {camera subfolder
+    name or "": [image paths]})] in natural order, ``use_cams``, and what is skipped (``links``
+    to folders, ``stray`` images outside a person folder, ``deeper`` ones below a camera
+    folder, ``others`` non-images, ``skipped_dirs``)."""
     links = []                                          # symbolic links to folders: never followed
     stray, person_dirs, others = _list_dir(src, links)  # images at the top are no one's
     deeper = []                                        # images below <person>/<camera>/
@@ -557,7 +542,7 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
                         f"({_shown((p.name for p in with_cams), 3)}) and {len(flat)} hold images directly "
                         f"({_shown((p.name for p in flat), 3)}); arrange them alike, or pass --cams none to "
                         "ignore the subfolders")
-    persons = []           # (folder, {camera subfolder name or "": [image paths]})
+    persons = []
     for person, (imgs, subs, rest) in listing.items():
         others += rest
         nested = [f for sub in subs for f in _files_below(sub, links)]
@@ -580,9 +565,14 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
     if not persons:
         raise UserError(f"{src}: no images in any person folder (looked for {', '.join(SRC_IMG_EXTS)})"
                         + (f"; {_linked_note(links, src)}" if links else ""))
-    cam_names = sorted({c for _, by_cam in persons for c in by_cam}, key=_natural)
-    cam_id = {c: i + 1 for i, c in enumerate(cam_names)} if use_cams else {"": PROBE_CAM}
-    pid_of = {person: i + 1 for i, (person, _) in enumerate(persons)}
+    return {"persons": persons, "use_cams": use_cams, "links": links, "stray": stray, "deeper": deeper,
+            "others": others, "skipped_dirs": skipped_dirs}
+
+
+def _choose_test_persons(src: Path, persons: list, use_cams: bool, test_ids: float, seed: int) -> tuple[set, bool]:
+    """(the test persons, whether the set is test-only), drawn (seeded) among the persons that
+    can be queried: images from two cameras, or two images without cameras."""
+    frac, count = _parse_test_ids(test_ids)
     eligible = [p for p, by_cam in persons if (len(by_cam) >= 2 if use_cams else len(by_cam[""]) >= 2)]
     if not eligible:
         raise UserError(f"{src}: no person has {'images from two cameras' if use_cams else 'two images'}; "
@@ -599,8 +589,69 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
                             "for a test-only set")
         n_test -= 1
     order = rng.permutation(len(eligible))
-    test = {eligible[int(i)] for i in order[:n_test]}
-    single = [p for p, _ in persons if p not in eligible]
+    return {eligible[int(i)] for i in order[:n_test]}, test_only
+
+
+def _log_folders(log: Log, out: Path, src: Path, stats: dict, scan: dict, cam_id: dict, cam_names: list,
+                 query_per_id: int, test_only: bool) -> None:
+    """What convert_folders wrote and everything it skipped, said."""
+    log(f"{out}: {stats['persons']} persons, {stats['images']} images -> "
+        + (f"train {stats['train_ids']} ids / {stats['train']} images, " if not test_only else "test-only, ")
+        + f"query {stats['query_ids']} ids / {stats['query']}, gallery {stats['gallery_ids']} ids / {stats['gallery']}")
+    if scan["use_cams"]:
+        log(f"cameras from the subfolders: {', '.join(f'{cam_id[c]}={c}' for c in cam_names)}; up to "
+            f"{query_per_id} quer{'y' if query_per_id == 1 else 'ies'} per (test id, camera), each with a match "
+            "from another camera; evaluated with the Market-1501 same-camera filter")
+    else:
+        log("no camera information: queries are written as camera 1 and the gallery as camera 2, so every other "
+            "image of the person counts as a match, same-camera ones included (scores read higher than under the "
+            "camera-filtered protocol; see README)")
+    single, skipped_dirs, links = stats["single"], scan["skipped_dirs"], scan["links"]
+    stray, deeper, others = scan["stray"], scan["deeper"], scan["others"]
+    if single:
+        why = "images from one camera" if scan["use_cams"] else "one image"
+        log(f"{len(single)} person(s) with {why} cannot be both query and gallery; they went to "
+            f"{'the gallery (no query)' if test_only else TRAIN + '/'}: {_shown(single)}")
+    if skipped_dirs:
+        log(f"skipped {len(skipped_dirs)} folder(s), hidden or without images: {_shown(p.name for p in skipped_dirs)}")
+    if links:
+        log(_linked_note(links, src))
+    if stray:
+        log(f"skipped {len(stray)} image(s) outside a person folder: {_shown(p.name for p in stray)}")
+    if deeper:
+        log(f"skipped {len(deeper)} image(s) below <person>/<camera>/: "
+            f"{_shown(str(p.relative_to(src)) for p in deeper)}")
+    if others:
+        log(f"skipped {len(others)} non-image file(s): {_shown(str(p.relative_to(src)) for p in others)}")
+
+
+def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test_ids: float = 0.5, seed: int = 0,
+                    overwrite: bool = False, log: Log = print) -> dict:
+    """``SRC/<person>/<image>`` (or ``SRC/<person>/<camera>/<image>``) -> Market layout.
+
+    Persons (natural order of folder names) become pids 1..N (``persons.tsv``). Test ids are
+    drawn (seeded) among the persons that can be queried; each gets ``query_per_id`` queries
+    per camera, the rest of its images go to the gallery. Without cameras (``cams="none"``,
+    or no camera subfolders): queries are written as camera 1 and the gallery as camera 2, so
+    the evaluator's same-camera filter never removes a match: every other image of the
+    person counts (the query itself is never in the gallery).
+    """
+    src, out = Path(src), Path(out)
+    if cams not in ("auto", "none"):
+        raise UserError(f"--cams {cams}: expected auto or none")
+    if query_per_id < 1:
+        raise UserError(f"--query_per_id {query_per_id}: must be at least 1")
+    _parse_test_ids(test_ids)
+    if not src.is_dir():
+        raise UserError(f"{src}: no such folder (expected one folder per person: {src}/<person>/<image>)")
+    _check_target((src,), out, overwrite, log)
+    scan = _scan_persons(src, cams)
+    persons, use_cams = scan["persons"], scan["use_cams"]
+    cam_names = sorted({c for _, by_cam in persons for c in by_cam}, key=_natural)
+    cam_id = {c: i + 1 for i, c in enumerate(cam_names)} if use_cams else {"": PROBE_CAM}
+    pid_of = {person: i + 1 for i, (person, _) in enumerate(persons)}
+    test, test_only = _choose_test_persons(src, persons, use_cams, test_ids, seed)
+    single = [p for p, by_cam in persons if not (len(by_cam) >= 2 if use_cams else len(by_cam[""]) >= 2)]
     with staged_folder(out) as tmp:
         w = _Writer(tmp, src, log)
         rows = []
@@ -632,34 +683,10 @@ def convert_folders(src, out, *, cams: str = "auto", query_per_id: int = 1, test
              "query": w.counts[QUERY], "gallery": w.counts[GALLERY], "train_ids": len(w.ids[TRAIN]),
              "query_ids": len(w.ids[QUERY]), "gallery_ids": len(w.ids[GALLERY]),
              "cameras": len(cam_names) if use_cams else 0, "single": [p.name for p in single],
-             "non_images": len(others), "stray_images": len(stray), "deeper_images": len(deeper),
-             "skipped_folders": [p.name for p in skipped_dirs], "linked_folders": [_rel(p, src) for p in links]}
-    log(f"{out}: {stats['persons']} persons, {stats['images']} images -> "
-        + (f"train {stats['train_ids']} ids / {stats['train']} images, " if not test_only else "test-only, ")
-        + f"query {stats['query_ids']} ids / {stats['query']}, gallery {stats['gallery_ids']} ids / {stats['gallery']}")
-    if use_cams:
-        log(f"cameras from the subfolders: {', '.join(f'{cam_id[c]}={c}' for c in cam_names)}; up to "
-            f"{query_per_id} quer{'y' if query_per_id == 1 else 'ies'} per (test id, camera), each with a match "
-            "from another camera; evaluated with the Market-1501 same-camera filter")
-    else:
-        log("no camera information: queries are written as camera 1 and the gallery as camera 2, so every other "
-            "image of the person counts as a match, same-camera ones included (scores read higher than under the "
-            "camera-filtered protocol; see README)")
-    if single:
-        why = "images from one camera" if use_cams else "one image"
-        log(f"{len(single)} person(s) with {why} cannot be both query and gallery; they went to "
-            f"{'the gallery (no query)' if test_only else TRAIN + '/'}: {_shown(p.name for p in single)}")
-    if skipped_dirs:
-        log(f"skipped {len(skipped_dirs)} folder(s), hidden or without images: {_shown(p.name for p in skipped_dirs)}")
-    if links:
-        log(_linked_note(links, src))
-    if stray:
-        log(f"skipped {len(stray)} image(s) outside a person folder: {_shown(p.name for p in stray)}")
-    if deeper:
-        log(f"skipped {len(deeper)} image(s) below <person>/<camera>/: "
-            f"{_shown(str(p.relative_to(src)) for p in deeper)}")
-    if others:
-        log(f"skipped {len(others)} non-image file(s): {_shown(str(p.relative_to(src)) for p in others)}")
+             "non_images": len(scan["others"]), "stray_images": len(scan["stray"]),
+             "deeper_images": len(scan["deeper"]), "skipped_folders": [p.name for p in scan["skipped_dirs"]],
+             "linked_folders": [_rel(p, src) for p in scan["links"]]}
+    _log_folders(log, out, src, stats, scan, cam_id, cam_names, query_per_id, test_only)
     return stats
 
 
