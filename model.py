@@ -67,6 +67,9 @@ REGION_PRIOR_ROWS = 48
 # Everything needed to rebuild the network; train.py stores these in opts.yaml.
 MODEL_KEYS = ("backbone", "parts", "embed_dim", "weighting", "head", "temperature",
               "dropout", "last_stride", "num_classes")
+# ... and with the input size, what a checkpoint's numbers depend on: opts.yaml must agree with
+# the options stored in the checkpoint on every one of them (train.py --resume, every reader).
+RUN_KEYS = MODEL_KEYS + ("height", "width")
 
 
 def visibility_to_weights(v: torch.Tensor) -> torch.Tensor:

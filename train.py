@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 from losses import awpcn_loss
-from model import BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, AWPCN, build_model, installed_mobilenet_v2_weights
+from model import BACKBONES, HEADS, MODEL_KEYS, RUN_KEYS, WEIGHTINGS, AWPCN, build_model, installed_mobilenet_v2_weights
 from utils import (DEFAULT_RUN, FEATURES_FILE, RUN_LOCK, TEMP_NAME, UserError, cli, get_logger, close_logger,
                    load_checkpoint, lock_run, progress, remove_stale_temp_files, save_checkpoint, save_figure, save_yaml,
                    load_yaml, select_device)
@@ -444,9 +444,7 @@ def check_resumable(state: dict, run_dir: Path, opts: dict) -> None:
                         "copied to last.pt, also resumes), or start again with --overwrite (test.py --which still "
                         "reads this file's weights; copy it elsewhere first to keep it)")
     had = state.get("opts") or {}
-    # The model and input keys --resume keeps fixed (every model key; see FIXED).
-    differ = [k for k in sorted(FIXED & {*MODEL_KEYS, "height", "width"}) if k in had and k in opts
-              and had[k] != opts[k]]
+    differ = [k for k in RUN_KEYS if k in had and k in opts and had[k] != opts[k]]
     if differ:
         raise UserError(f"--resume: {path} was trained with {', '.join(f'{k} {had[k]!r}' for k in differ)} but "
                         f"{run_dir / 'opts.yaml'} says {', '.join(f'{k} {opts[k]!r}' for k in differ)}: they come "
