@@ -12,6 +12,10 @@ normalisation (``datasets.TestTransform``), folded network and flip TTA (:func:`
 through the same loop (:func:`extract`); :func:`features_of` gives a dataset's query and
 gallery features in the layout features.pt holds.
 
+``Extractor.from_run(run, runtime="onnxruntime" | "openvino")`` runs export.py's ONNX graph
+(``awpcn.onnx``, or ``int8=True``: ``awpcn.int8.onnx``) instead of PyTorch, through the same
+loop and the same preprocessing (:class:`ExportedModel`; docs/deploy.md).
+
 :func:`fuse_for_inference` folds every BatchNorm2d of the trunk into the convolution in
 front of it (``W' = W * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps) + beta``,
 using the BN's running statistics, i.e. exactly what eval mode computes) and replaces the BN
@@ -24,6 +28,7 @@ and no running statistics to update.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import time
 from contextlib import nullcontext
@@ -38,12 +43,13 @@ from torch.utils.data import DataLoader
 
 import datasets
 import evaluate
-from model import AWPCN, BACKBONES, HEADS, MODEL_KEYS, WEIGHTINGS, build_model
+from model import AWPCN, BACKBONES, HEADS, MODEL_KEYS, RUN_KEYS, WEIGHTINGS, build_model
 from utils import UserError, load_checkpoint, load_yaml, select_device
 from utils import progress as progress_bar
 
 __all__ = ["fuse_for_inference", "fuse_conv_bn_pairs", "find_run", "check_options", "load_options", "load_model",
-           "add_eval_arguments", "embed_batch", "extract", "features_of", "Extractor"]
+           "add_eval_arguments", "embed_batch", "extract", "features_of", "Extractor", "ExportedModel",
+           "RUNTIMES", "EXPORT_FILE", "INT8_FILE", "require_runtime"]
 
 
 def _pairs_in(module: nn.Module):
@@ -130,9 +136,8 @@ def find_run(runs_dir: str | os.PathLike, name: str) -> Path:
     return run_dir
 
 
-# What defines the network and its input: a checkpoint only reproduces its numbers under
-# these, so opts.yaml must say what the checkpoint was trained with.
-RUN_KEYS = MODEL_KEYS + ("height", "width")
+# RUN_KEYS (model.py): what defines the network and its input; a checkpoint only reproduces its
+# numbers under these, so opts.yaml must say what the checkpoint was trained with.
 # Without these no tool can rebuild the model, whatever the checkpoint stores.
 REQUIRED_KEYS = ("backbone", "parts", "num_classes", "height", "width")
 _INT, _NUMBER, _STR = "an integer", "a number", "a string"
@@ -369,7 +374,7 @@ def extract(net: nn.Module, images, height: int, width: int, *, device, batch_si
     """The one feature-extraction loop: test.py, the benchmarks and :class:`Extractor` all run it.
 
     ``net``: an AWPCN as :func:`fuse_for_inference` returns it (eval mode, channels_last), on
-    ``device``. ``images``: what :class:`Extractor` takes (image paths, PIL images, HxWx3 uint8
+    ``device``, or an :class:`ExportedModel` (CPU; ``amp`` does not apply). ``images``: what :class:`Extractor` takes (image paths, PIL images, HxWx3 uint8
     arrays, a float tensor in [0, 1]). Images are decoded and resized to ``height`` x ``width``
     (``workers`` loader processes; 0 = in this process, the only choice for in-memory images),
     ``batch_size`` at a time, through :func:`embed_batch` (flip TTA unless ``flip=False``;
@@ -397,8 +402,11 @@ def extract(net: nn.Module, images, height: int, width: int, *, device, batch_si
         for x, bad_rows, count in batches:
             bad += bad_rows
             if x is not None:
-                emb, w = embed_batch(net, x.to(device, non_blocking=True), flip=flip, channels_last=True,
-                                     amp_ctx=amp_ctx)
+                if isinstance(net, ExportedModel):
+                    emb, w = net.embed(x, flip=flip)
+                else:
+                    emb, w = embed_batch(net, x.to(device, non_blocking=True), flip=flip, channels_last=True,
+                                         amp_ctx=amp_ctx)
                 embs.append(emb.cpu())
                 weights.append(w.cpu())
             bar.update(count)
@@ -430,6 +438,176 @@ def features_of(model: AWPCN, opts: dict, data, *, device, batchsize: int = 128,
     return features, t_extract
 
 
+# --------------------------------------------------------------------------- exported graphs
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+EXPORT_FILE, INT8_FILE = "awpcn.onnx", "awpcn.int8.onnx"       # what export.py writes into a run
+_INSTALL_EXPORT = "pip install -r requirements-export.txt"
+
+
+def require_runtime(runtime: str):
+    """The module of an exported-graph runtime ("onnxruntime" or "openvino"), or a one-line
+    UserError naming the pip package to install."""
+    if runtime not in RUNTIMES[1:]:
+        raise UserError(f"runtime={runtime!r}: expected one of {', '.join(map(repr, RUNTIMES))}")
+    try:
+        return importlib.import_module(runtime)
+    except ImportError:
+        # The PyPI names are the module names for both runtimes.
+        raise UserError(f"runtime={runtime!r} needs the {runtime} package, which is not installed: "
+                        f"pip install {runtime} (or {_INSTALL_EXPORT})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+class ExportedModel:
+    """export.py's ONNX graph (fp32 or int8) loaded in onnxruntime or OpenVINO, on the CPU.
+
+    ``model(x)``: x (N,3,H,W) float32 RGB in [0, 1] at the graph's size -> (emb (N,P,D),
+    weights (N,P)) float32 CPU tensors, the graph's outputs (flip TTA inside when
+    ``flip_in_graph``; a fixed-batch graph gets chunks of its batch, the last padded with its
+    first image). :meth:`embed` is what :func:`extract`'s loop calls instead of
+    :func:`embed_batch`. ``threads``: the runtime's intra-op threads (default: the runtime's).
+
+    Attributes: path, runtime, threads, height, width, parts, embed_dim, batch (None: dynamic),
+    flip_in_graph, weighting, meta (the file's metadata, as export.py wrote it), precision
+    ("fp32" or "int8").
+    """
+
+    def __init__(self, path: str | os.PathLike, runtime: str = "onnxruntime", *, threads: int | None = None):
+        self.path, self.runtime = Path(path), runtime
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise UserError(f"threads={threads!r}: expected a positive number of threads (or None: the "
+                            "runtime's default)")
+        self.threads = threads
+        module = require_runtime(runtime)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: no such file; export.py writes it (python export.py --name RUN, "
+                            "--int8 for the int8 file)")
+        try:
+            load = self._load_onnxruntime if runtime == "onnxruntime" else self._load_openvino
+            shape, emb_shape, meta = load(module)
+        except UserError:
+            raise
+        except Exception as exc:  # each runtime has its own exception types; all mean "cannot load"
+            raise UserError(f"{self.path}: {runtime} cannot load it ({_first_line(exc)}); is it a file export.py "
+                            "wrote? Export it again with export.py") from None
+        if "flip_tta" not in meta or "parts" not in meta or len(shape) != 4 or not all(
+                isinstance(d, int) for d in shape[1:]):
+            raise UserError(f"{self.path}: not an AWPCN graph export.py wrote (no flip_tta/parts metadata or no "
+                            "fixed (3,H,W) input); export it with export.py")
+        self.meta = meta
+        self.batch = shape[0] if isinstance(shape[0], int) else None
+        self.height, self.width = shape[2], shape[3]
+        self.flip_in_graph = meta["flip_tta"] == "in graph"
+        self.parts = int(meta["parts"])
+        self.weighting = meta.get("weighting", "adaptive")
+        self.precision = "int8" if meta.get("quantization") else "fp32"
+        d = emb_shape[-1] if emb_shape else None
+        # An output size the runtime cannot tell statically comes from one pass over a blank image.
+        self.embed_dim = d if isinstance(d, int) else int(self(torch.zeros(1, 3, self.height, self.width))[0].shape[-1])
+        mean_std = datasets.TestTransform(self.height, self.width)
+        self._mean, self._std = mean_std.mean[None], mean_std.std[None]      # (1,3,1,1), 0..255 scale
+
+    def _load_onnxruntime(self, ort):
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        self._run = lambda x: sess.run(["emb", "weights"], {"images": x})
+        outputs = {o.name: o.shape for o in sess.get_outputs()}
+        return sess.get_inputs()[0].shape, outputs.get("emb"), dict(sess.get_modelmeta().custom_metadata_map)
+
+    def _load_openvino(self, ov):
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        # f32: OpenVINO's CPU plugin would otherwise run in bf16 on CPUs that have it (AMX,
+        # AVX512-BF16), and the fp32 file would not give PyTorch's numbers. An int8 file keeps its
+        # int8 layers either way.
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        compiled = core.compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+        out_emb, out_w = compiled.output("emb"), compiled.output("weights")
+
+        def run(x):
+            res = request.infer({"images": x})
+            return res[out_emb].copy(), res[out_w].copy()      # the request's buffers are reused by the next call
+        self._run = run
+        meta = ({k: v.astype(str) for k, v in model.get_rt_info()["framework"].items()}
+                if model.has_rt_info("framework") else {})
+
+        def dims(partial):
+            return [d.get_length() if d.is_static else None for d in partial]
+        emb = next(o for o in model.outputs if "emb" in o.get_names())
+        return dims(model.inputs[0].get_partial_shape()), dims(emb.get_partial_shape()), meta
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N,3,H,W) float RGB in [0, 1] -> (emb (N,P,D), weights (N,P)) float32, the graph's outputs."""
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        step = self.batch or max(x.shape[0], 1)
+        embs, ws = [], []
+        for s in range(0, x.shape[0], step):
+            chunk = x[s:s + step]
+            n = chunk.shape[0]
+            if n < step:
+                chunk = torch.cat([chunk, chunk[:1].expand(step - n, *chunk.shape[1:])])
+            emb, w = self._run(chunk.numpy())
+            embs.append(torch.from_numpy(np.asarray(emb[:n], np.float32)))
+            ws.append(torch.from_numpy(np.asarray(w[:n], np.float32)))
+        if not embs:
+            return torch.empty(0, self.parts, self.embed_dim), torch.empty(0, self.parts)
+        return torch.cat(embs), torch.cat(ws)
+
+    def embed(self, x: torch.Tensor, *, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B,3,H,W) normalised as :func:`extract` makes it -> (emb (B,P,D), weights (B,P)).
+
+        The graph normalises inside, so the batch goes back to [0, 1] first (the same mean/std
+        tensors; ~1e-7 of rounding). Flip TTA: inside the graph when it has it; else
+        :func:`embed_batch` adds the mirror around the graph, as PyTorch does.
+        """
+        if not flip and self.flip_in_graph:
+            raise UserError(f"{self.path}: flip TTA is inside this graph, so flip=False cannot be honoured; "
+                            "export the single pass with export.py --no_flip")
+        x01 = (x.to("cpu", torch.float32) * self._std + self._mean) / 255
+        return embed_batch(self, x01, flip=flip and not self.flip_in_graph, channels_last=False)
+
+
+def _exported_file(run_dir: Path, which: str, int8: bool, model_file) -> Path:
+    """The exported graph a run's extractor loads, or a UserError naming the export.py command."""
+    path = Path(model_file) if model_file else run_dir / (INT8_FILE if int8 else EXPORT_FILE)
+    if not path.is_file():
+        command = (f"python export.py --runs_dir {run_dir.parent} --name {run_dir.name}"
+                   + (f" --which {which}" if which != "last" else "") + (" --out PATH" if model_file else "")
+                   + (" --int8" if int8 or ".int8." in path.name else ""))
+        raise UserError(f"{path}: no exported model; make it with `{command}`")
+    return path
+
+
+def _check_export_fits(net: ExportedModel, run_dir: Path, which: str, opts: dict, ckpt: dict) -> None:
+    """Refuse a graph of another size or parts than the run, or one exported from another
+    checkpoint or epoch (a stale export after more training): it would give other numbers."""
+    problems = []
+    if (net.height, net.width) != (int(opts["height"]), int(opts["width"])):
+        problems.append(f"its input is {net.height}x{net.width}, the run's {opts['height']}x{opts['width']}")
+    if net.parts != int(opts["parts"]):
+        problems.append(f"it has {net.parts} parts, the run {opts['parts']}")
+    exported = (net.meta.get("checkpoint"), net.meta.get("epoch"))
+    current = (f"{which}.pt", str(ckpt.get("epoch", "?")))
+    if exported != current:
+        problems.append(f"it was exported from {exported[0]} at epoch {exported[1]}, and {run_dir / current[0]} "
+                        f"is at epoch {current[1]}")
+    if problems:
+        raise UserError(f"{net.path} does not match the run {run_dir} ({'; '.join(problems)}); export it again: "
+                        f"python export.py --runs_dir {run_dir.parent} --name {run_dir.name}"
+                        + (f" --which {which}" if which != "last" else "")
+                        + (" --int8" if net.precision == "int8" else ""))
+
+
 class Extractor:
     """Part embeddings and weights of your own images with a trained AWPCN run.
 
@@ -450,35 +628,82 @@ class Extractor:
     antialiased bilinear interpolation, close to PIL's but not identical. Bad input (wrong type,
     dtype, shape, value range, a path that is not an image) is a :class:`utils.UserError`
     naming the item.
+
+    ``model`` is an AWPCN (``runtime == "torch"``) or an :class:`ExportedModel` (export.py's
+    graph in onnxruntime or OpenVINO: ``runtime`` is its runtime): the same call, the same
+    preprocessing, the same outputs (fp32 files: PyTorch's to ~1e-5 on unit part embeddings and
+    weights; int8 files: within export.py's accuracy budget). ``from_run(..., runtime=...)``
+    makes either.
     """
 
-    def __init__(self, model: AWPCN, height: int, width: int, *, device="cpu", flip: bool = True,
+    def __init__(self, model: AWPCN | ExportedModel, height: int, width: int, *, device="cpu", flip: bool = True,
                  batch_size: int = 64, identity: dict | None = None):
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size}: must be at least 1")
-        self.device = select_device(device) if isinstance(device, str) else torch.device(device)
         self.height, self.width, self.flip, self.batch_size = int(height), int(width), bool(flip), int(batch_size)
         self.parts, self.embed_dim = int(model.parts), int(model.embed_dim)
         self.weighting = model.weighting
         self.run_dir = self.which = self.epoch = self.opts = None      # set by from_run
-        # The network test.py runs: conv+BN folded, channels_last (bench/extract_speed.py).
-        self.model = fuse_for_inference(model.to(self.device))
+        if isinstance(model, ExportedModel):
+            if str(device) not in ("cpu", "auto"):
+                raise UserError(f"device={device!r}: runtime {model.runtime!r} runs on the CPU here; use "
+                                "device='cpu' (or runtime='torch' for a GPU)")
+            if (self.height, self.width) != (model.height, model.width):
+                raise UserError(f"{model.path}: the graph takes {model.height}x{model.width} images, not "
+                                f"{self.height}x{self.width}")
+            if not self.flip and model.flip_in_graph:
+                raise UserError(f"{model.path}: flip TTA is inside this graph, so flip=False cannot be honoured; "
+                                "export the single pass with export.py --no_flip")
+            self.runtime, self.device, self.model = model.runtime, torch.device("cpu"), model
+        else:
+            self.runtime = "torch"
+            self.device = select_device(device) if isinstance(device, str) else torch.device(device)
+            # The network test.py runs: conv+BN folded, channels_last (bench/extract_speed.py).
+            self.model = fuse_for_inference(model.to(self.device))
         # What determines the numbers this extractor produces (e.g. for a feature cache key).
         self.identity = {"height": self.height, "width": self.width, "flip": self.flip, **(identity or {})}
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, which: str = "last", device="auto", flip: bool = True,
-                 batch_size: int = 64) -> "Extractor":
-        """Load ``run_dir`` (a folder with opts.yaml and ``which``.pt, e.g. model/market)."""
+                 batch_size: int = 64, *, runtime: str = "torch", int8: bool = False,
+                 model_file: str | os.PathLike | None = None, threads: int | None = None) -> "Extractor":
+        """Load ``run_dir`` (a folder with opts.yaml and ``which``.pt, e.g. model/market).
+
+        ``runtime="onnxruntime"`` or ``"openvino"``: run export.py's graph of that checkpoint
+        instead of PyTorch, on the CPU — ``run_dir/awpcn.onnx``, ``int8=True``:
+        ``run_dir/awpcn.int8.onnx``, or ``model_file``; ``threads``: the runtime's intra-op
+        threads. A graph of another checkpoint, epoch, size or part count is refused.
+        """
         run_dir = find_run(Path(run_dir).parent, Path(run_dir).name)
-        model, opts, ckpt = load_model(run_dir, which)
+        if runtime == "torch" and (int8 or model_file is not None or threads is not None):
+            raise UserError("int8, model_file and threads are for runtime='onnxruntime' or 'openvino' (export.py's "
+                            "graph); PyTorch's thread count is process-wide: torch.set_num_threads(N)")
+        if runtime != "torch":
+            require_runtime(runtime)
+            opts, ckpt = load_options(run_dir, which)
+            net = ExportedModel(_exported_file(run_dir, which, int8, model_file), runtime, threads=threads)
+            _check_export_fits(net, run_dir, which, opts, ckpt)
+        else:
+            net, opts, ckpt = load_model(run_dir, which)
         ident = {"run": str(run_dir.resolve()), "which": which, "epoch": int(ckpt.get("epoch", 0))}
         for key, path in (("checkpoint", run_dir / f"{which}.pt"), ("opts", run_dir / "opts.yaml")):
             ident[key] = file_stamp(path)
-        ext = cls(model, opts["height"], opts["width"], device=device, flip=flip, batch_size=batch_size,
+        if runtime != "torch":
+            ident.update(runtime=runtime, model_file=str(net.path.resolve()), model_stamp=file_stamp(net.path))
+        ext = cls(net, opts["height"], opts["width"], device=device, flip=flip, batch_size=batch_size,
                   identity=ident)
         ext.run_dir, ext.which, ext.epoch, ext.opts = run_dir, which, ident["epoch"], opts
         return ext
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, runtime: str = "onnxruntime", *, flip: bool = True,
+                  batch_size: int = 64, threads: int | None = None) -> "Extractor":
+        """An extractor on an exported graph alone (no run folder, no PyTorch checkpoint): the
+        input size, parts and flip TTA come from the file export.py wrote."""
+        net = ExportedModel(path, runtime, threads=threads)
+        return cls(net, net.height, net.width, flip=flip, batch_size=batch_size,
+                   identity={"runtime": runtime, "model_file": str(net.path.resolve()),
+                             "model_stamp": file_stamp(net.path)})
 
     def __call__(self, images, *, bgr: bool = False, progress: bool | None = None,
                  desc: str = "extract") -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,7 @@ def test_export_matches_pytorch_on_dynamic_batches_1_and_7(run, exported, capsys
     assert [o.name for o in proto.graph.output] == ["emb", "weights"]
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["flip_tta"] == "in graph" and meta["parts"] == "4" and "[0,1]" in meta["input"]
+    assert meta["weighting"] == "adaptive" and meta["checkpoint"] == "last.pt" and meta["epoch"] == "1"
     # Folded: no BatchNormalization left in the trunk (the head's BatchNorm1d is a constant affine).
     assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) <= 1
 
