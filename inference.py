@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 import evaluate
-from model import AWPCN, BACKBONES, HEADS, MODEL_KEYS, RUN_KEYS, WEIGHTINGS, build_model
+from model import AWPCN, BACKBONES, HEADS, RUN_KEYS, WEIGHTINGS, build_model
 from utils import UserError, load_checkpoint, load_yaml, select_device
 from utils import progress as progress_bar
 
