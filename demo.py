@@ -2,6 +2,8 @@
 
     python demo.py [--name RUN] --query_index N [--topk 10]
     python demo.py [--name RUN] --query IMAGE --gallery DIR [--topk 10] [--no_cache]
+    python demo.py [--name RUN] --gallery DIR --index INDEX [--index_kind auto] [--milvus lite|URI]
+    python demo.py [--name RUN] --query IMAGE --index INDEX [--topk 10] [--threshold auto|none|D]
 
 --query_index: a query of the run's test set; reads model/RUN/features.pt (written by
 test.py) and saves model/RUN/show.png. Green border: same identity; red: different.
@@ -9,6 +11,10 @@ test.py) and saves model/RUN/show.png. Green border: same identity; red: differe
 ranked list with distances and saves model/RUN/search_<query name>_<hash>.png (one file per
 query image, so concurrent searches do not overwrite each other's), without borders
 (identities unknown); gallery features are cached in model/RUN/search_cache/.
+--index: a persistent gallery index (gallery_index.py; docs/search.md): --gallery builds or
+updates it (new and changed images extracted, vanished ones removed), --query searches it.
+Open set: with model/RUN/threshold.json (test.py --split val --calibrate FMR) a search lists only
+images nearer than the calibrated threshold, and says "no match" when there is none.
 Under each image: its distance to the query. Beside each image: a strip of its P part
 weights, one cell per stripe, darker = trusted more (numbers in the cells).
 """
@@ -19,6 +25,8 @@ import hashlib
 import re
 import sys
 from pathlib import Path
+
+import torch
 
 import evaluate
 from inference import Extractor, add_eval_arguments, find_run
@@ -118,19 +126,95 @@ def run_search(args: argparse.Namespace) -> Path:
           f"[{args.which}, epoch {ext.epoch}] | weights: {weighting}")
     for note in search.notes(res, args.gallery):
         print(note)
-    print(f"{'rank':>4}  {'distance':>8}  image")
-    for j, (i, d) in enumerate(zip(res["order"].tolist(), res["dists"].tolist())):
-        print(f"{j + 1:>4}  {d:8.4f}  {res['paths'][i]}")
+    threshold, why = search.resolve_threshold(args.threshold, run_dir, lambda: _identity(ext), weighting)
+    print(why)
+    order, dists = res["order"], res["dists"]
+    keep = dists < threshold if threshold is not None else torch.ones_like(dists, dtype=torch.bool)
+    _print_answer([res["paths"][i] for i in order.tolist()], dists.tolist(), keep.tolist(), threshold)
     feats = {"run": args.name, "gallery_dir": args.gallery,
              "query": {"paths": [res["query"]], "weights": res["query_weights"], "pids": None},
              "gallery": {"paths": res["paths"], "weights": res["weights"], "pids": None}}
     out = run_dir / search_figure_name(args.query)
-    draw(feats, 0, res["order"], res["dists"], out)
+    draw(feats, 0, order[keep], dists[keep], out)
     print(f"saved {out}")
     return out
 
 
-def run_demo(args: argparse.Namespace) -> Path:
+def _identity(ext: Extractor) -> dict:
+    import gallery_index
+
+    return gallery_index.run_identity(ext)
+
+
+def _print_answer(paths: list, dists: list, keep: list, threshold) -> None:
+    """The ranked list (rank, distance, image), only the images within the threshold; "no
+    match" when none is."""
+    shown = [(p, d) for p, d, k in zip(paths, dists, keep) if k]
+    if threshold is not None and not shown:
+        nearest = f"; the nearest image is at d = {dists[0]:.4f}" if dists else ""
+        print(f"no match within the threshold (d < {threshold:.4f}): nobody here looks like the query{nearest}")
+        return
+    if threshold is not None and len(shown) < len(paths):
+        print(f"{len(shown)} of the top {len(paths)} within the threshold (d < {threshold:.4f})")
+    print(f"{'rank':>4}  {'distance':>8}  image")
+    for j, (p, d) in enumerate(shown):
+        print(f"{j + 1:>4}  {d:8.4f}  {p}")
+
+
+def run_index(args: argparse.Namespace) -> Path | None:
+    """--index DIR: with --gallery build or update the index from a folder; with --query search it."""
+    import search
+
+    if args.query_index is not None:
+        raise UserError("--index searches your own images: use --query IMAGE (and --gallery DIR to build or "
+                        "update the index), not --query_index")
+    if not (args.query or args.gallery):
+        raise UserError(f"--index {args.index}: give --gallery DIR to build or update it, and/or --query IMAGE to "
+                        "search it")
+    for flag in ("topk", "batchsize"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    run_dir = find_run(args.runs_dir, args.name)
+    ext = Extractor.from_run(run_dir, args.which, device=args.device, batch_size=args.batchsize)
+    if args.gallery:
+        res = search.index_folder(ext, args.gallery, args.index, weighting=args.weighting, kind=args.index_kind,
+                                  milvus=args.milvus)
+        print(f"index {res['description']}")
+        print(f"{args.gallery}: {res['added']} added, {res['removed']} removed, {res['unchanged']} unchanged")
+        for note in search.notes({**res, "self": []}, args.gallery):
+            print(note)
+    if not args.query:
+        return None
+    import gallery_index
+
+    weighting = gallery_index.read_meta(Path(args.index))["weighting"]
+    if args.weighting and args.weighting != weighting:
+        raise UserError(f"--index {args.index}: built to rank with {weighting} weights, not {args.weighting}; drop "
+                        "--weighting, or build another index with that weighting")
+    threshold, why = search.resolve_threshold(args.threshold, run_dir, lambda: _identity(ext), weighting)
+    res = search.search_index(ext, args.query, args.index, topk=args.topk, threshold=threshold,
+                              candidates=args.candidates, nprobe=args.nprobe, ef=args.ef)
+    hits = res["hits"]
+    print(f"query {args.query} vs {res['description']} | run {args.name} [{args.which}, epoch {ext.epoch}]")
+    print(why)
+    if res["self"]:
+        print(f"left out the query itself: {', '.join(res['self'])}")
+    keep = hits.within()[0]
+    _print_answer(hits.names[0], hits.dists[0].tolist(), keep.tolist(), threshold)
+    n = int(keep.sum())
+    feats = {"run": args.name, "gallery_dir": args.index,
+             "query": {"paths": [res["query"]], "weights": res["query_weights"], "pids": None},
+             "gallery": {"paths": [hits.names[0][j] for j in range(n)],
+                         "weights": torch.from_numpy(hits.weights[0][:n]), "pids": None}}
+    out = run_dir / search_figure_name(args.query)
+    draw(feats, 0, torch.arange(n), torch.from_numpy(hits.dists[0][:n]), out)
+    print(f"saved {out}")
+    return out
+
+
+def run_demo(args: argparse.Namespace) -> Path | None:
+    if args.index:
+        return run_index(args)
     if args.query or args.gallery:
         return run_search(args)
     if args.query_index is None:
@@ -171,6 +255,21 @@ def main(argv=None) -> int:
     ap.add_argument("--batchsize", type=int, default=64, help="images per batch for --query/--gallery")
     ap.add_argument("--no_cache", action="store_true", help="do not read or write RUN/search_cache/")
     ap.add_argument("--topk", type=int, default=10)
+    ap.add_argument("--index", default=None, metavar="DIR",
+                    help="a persistent gallery index: --gallery builds/updates it, --query searches it")
+    ap.add_argument("--index_kind", default="auto", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
+                    help="for a new --index: auto = exact (flat) below 50k images, an HNSW graph above, IVF-PQ "
+                         "once the full vectors pass 8 GiB")
+    ap.add_argument("--milvus", default=None, metavar="URI",
+                    help="for a new --index: keep it in Milvus: 'lite' (a Milvus Lite file inside DIR) or a "
+                         "server URI such as http://host:19530")
+    ap.add_argument("--candidates", type=int, default=None,
+                    help="--index: candidates re-scored exactly per query (default max(100, 10 x topk))")
+    ap.add_argument("--nprobe", type=int, default=None, help="--index: inverted lists scanned per query (ivf, ivfpq)")
+    ap.add_argument("--ef", type=int, default=None, help="--index: graph candidates explored per query (hnsw)")
+    ap.add_argument("--threshold", default="auto",
+                    help="auto: RUN/threshold.json if there is one (test.py --split val --calibrate); none; or a "
+                         "distance: only images nearer than it are answers")
     add_eval_arguments(ap, weighting_help="weights for ranking (default: the run's)", ap_formula=False, rerank=False)
     run_demo(ap.parse_args(argv))
     return 0

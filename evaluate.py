@@ -1,4 +1,6 @@
-"""Retrieval math for AWPCN: weighted part distance, CMC / mAP / mINP, k-reciprocal re-ranking.
+"""Retrieval math for AWPCN: weighted part distance, CMC / mAP / mINP, k-reciprocal re-ranking,
+the index vectors a gallery index stores, and open-set figures (TMR at a false-match rate, the
+calibrated threshold).
 
 Pure tensor code: no file I/O, no printing. Shapes: Q queries, G gallery items, P parts,
 D embedding size.
@@ -604,3 +606,238 @@ def rerank_features(qf, qw, gf, gw, *, k1: int = RERANK_K1, k2: int = RERANK_K2,
     return re_ranking(weighted_distance(qf, qw, gf, gw), weighted_distance(qf, qw, qf, qw),
                       weighted_distance(gf, gw, gf, gw), k1=k1, k2=k2, lambda_value=lambda_value,
                       max_items=max_items)
+
+
+# --------------------------------------------------------------------------- index scores
+def index_vectors(f, w) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vectors a gallery index stores: f (N,P,D), w (N,P) >= 0 -> (x (N,P*D) float32, norm (N,) float32).
+
+    ``x = concat_i(w_i u_i) / ||w||`` with ``u_i = f_i / ||f_i||``: a unit vector (all zeros when
+    every weight is zero); ``norm = ||w||_2``. For two images,
+    ``x(q).x(g) * ||w(q)|| * ||w(g)|| = sum_i w_i(q) w_i(g) cos(q_i, g_i)``, the numerator of
+    :func:`weighted_distance`, so an inner-product index over ``x`` finds the candidates and
+    :func:`distance_from_scores` turns their scores into the exact distance. The score itself is
+    ``(1 - D(q,g)) * cos(w(q), w(g))``: the similarity, damped where the two images trust
+    different stripes; with uniform weights it is exactly ``1 - D``.
+    """
+    w = torch.as_tensor(w).float()
+    x = _scaled_rows(torch.as_tensor(f), w)
+    norm = w.norm(dim=1)
+    return x.div_(norm.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)), norm
+
+
+def distance_from_scores(score, qw, gw) -> torch.Tensor:
+    """Weighted part distance of candidate pairs from their index scores.
+
+    score (Q,K) float: ``index_vectors(q) . index_vectors(g)`` for each query's K candidates;
+    qw (Q,P) the query weights; gw (Q,K,P) the candidates' weights -> (Q,K) float32
+    ``1 - score * ||w(q)|| ||w(g)|| / sum_j w_j(q) w_j(g)`` (zero denominators clamped as in
+    :func:`weighted_distance`, so an all-zero weight vector gives distance 1). Equals
+    :func:`weighted_distance` for the same pairs up to float rounding (~1e-7); exact when the
+    score is exact, approximate when it comes from a compressed (PQ) index.
+    """
+    score = torch.as_tensor(score).float()
+    qw, gw = torch.as_tensor(qw).float(), torch.as_tensor(gw).float()
+    num = score * qw.norm(dim=1, keepdim=True) * gw.norm(dim=2)
+    den = (gw @ qw.unsqueeze(2)).squeeze(2).clamp_min_(torch.finfo(torch.float32).tiny)
+    return num.div_(den).neg_().add_(1.0)
+
+
+def distance_from_score_matrix(score, qw, gw) -> torch.Tensor:
+    """:func:`distance_from_scores` for every query-gallery pair: score (Q,G) inner products of
+    :func:`index_vectors`, qw (Q,P), gw (G,P) -> (Q,G) float32 weighted part distance."""
+    score = torch.as_tensor(score).float()
+    qw, gw = torch.as_tensor(qw).float(), torch.as_tensor(gw).float()
+    num = score * qw.norm(dim=1, keepdim=True) * gw.norm(dim=1).unsqueeze(0)
+    den = (qw @ gw.T).clamp_min_(torch.finfo(torch.float32).tiny)
+    return num.div_(den).neg_().add_(1.0)
+
+
+# --------------------------------------------------------------------------- open set
+DEFAULT_FMRS = (0.01, 0.001)
+
+
+@dataclass
+class Verification:
+    """Open-set figures of one split at a few false-match rates; T = len(fmr).
+
+    Pairs follow the protocol: a query and a gallery item of the same pid from another camera
+    are a genuine pair, of different pids (distractors included) an impostor pair; junk and the
+    query's same-pid-same-camera items are neither. A threshold accepts ``distance < threshold``.
+
+    fmr (T,) the target rates; threshold (T,) float64: the (k+1)-th smallest impostor distance,
+    k = floor(fmr * impostors), so at most that fraction of impostor pairs is accepted (+inf
+    when every pair may be); fmr_achieved (T,): the fraction actually accepted; tmr (T,): the
+    fraction of genuine pairs accepted (NaN without genuine pairs); rank1_tmr (T,): the fraction
+    of queries with a genuine item whose nearest valid item is genuine *and* accepted (a search
+    answering correctly); fpir (T,): the fraction of queries whose nearest impostor is accepted
+    (with its own person absent from the gallery, a search would name a stranger); genuine,
+    impostor: pair counts; queries: queries with a genuine pair; searched: queries with an
+    impostor pair.
+    """
+
+    fmr: tuple
+    threshold: torch.Tensor
+    fmr_achieved: torch.Tensor
+    tmr: torch.Tensor
+    rank1_tmr: torch.Tensor
+    fpir: torch.Tensor
+    genuine: int
+    impostor: int
+    queries: int
+    searched: int
+
+    def at(self, fmr: float) -> dict:
+        """Plain numbers at one of the target rates: {fmr, threshold, fmr_achieved, tmr, rank1_tmr, fpir}."""
+        i = [abs(f - fmr) < 1e-12 for f in self.fmr].index(True)
+        return {"fmr": float(self.fmr[i]), "threshold": float(self.threshold[i]),
+                "fmr_achieved": float(self.fmr_achieved[i]), "tmr": float(self.tmr[i]),
+                "rank1_tmr": float(self.rank1_tmr[i]), "fpir": float(self.fpir[i])}
+
+    def as_dict(self) -> dict:
+        return {"rates": [self.at(f) for f in self.fmr], "genuine_pairs": self.genuine,
+                "impostor_pairs": self.impostor, "queries": self.queries, "searched": self.searched}
+
+
+def threshold_at_fmr(impostor, fmr: float) -> float:
+    """The distance threshold (accept ``d < threshold``) at false-match rate ``fmr`` in (0, 1].
+
+    impostor (N,) float: every impostor pair's distance (NaN counts as +inf) -> the (k+1)-th
+    smallest, k = floor(fmr * N): the largest threshold that accepts at most k of them, whatever
+    the ties. +inf when k >= N (every pair may be accepted, e.g. no impostor pairs at all).
+    """
+    _check_fmrs((fmr,))
+    d = torch.as_tensor(impostor).double().reshape(-1).nan_to_num(nan=math.inf)
+    k = _allowed(fmr, d.numel())
+    if k >= d.numel():
+        return math.inf
+    return float(torch.kthvalue(d, k + 1).values)
+
+
+def _allowed(fmr: float, n: int) -> int:
+    """floor(fmr * n), robust to the float error of fmr itself (0.29 * 100 -> 29, not 28)."""
+    return int(math.floor(fmr * n * (1 + 1e-12) + 1e-9))
+
+
+def _check_fmrs(fmrs) -> None:
+    for f in fmrs:
+        if not 0 < f <= 1:
+            raise ValueError(f"false-match rate {f}: expected a fraction in (0, 1], e.g. 0.01")
+
+
+class _Verifier:
+    """Collects, over query chunks, the genuine distances, the smallest ``keep`` impostor
+    distances, and each query's nearest genuine / impostor item."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.genuine: list[torch.Tensor] = []
+        self.impostor = torch.zeros(0, dtype=torch.float64)
+        self.near: list[tuple] = []
+
+    def add(self, d: torch.Tensor, q_pids, q_cams, g_pids, g_cams) -> None:
+        """d (B,G') distances to the non-junk gallery items with pids/cams g_pids, g_cams (G',)."""
+        d = d.double().nan_to_num(nan=math.inf)
+        same = q_pids.unsqueeze(1) == g_pids.unsqueeze(0)
+        gen = same & (q_cams.unsqueeze(1) != g_cams.unsqueeze(0))
+        imp = ~same
+        self.genuine.append(d[gen])
+        if self.keep:
+            vals = torch.cat([self.impostor, d[imp]])
+            k = min(self.keep, vals.numel())
+            self.impostor = torch.topk(vals, k, largest=False, sorted=False).values
+        b, g = d.shape
+        if g == 0:
+            d = torch.full((b, 1), math.inf, dtype=torch.float64)
+            gen = imp = torch.zeros(b, 1, dtype=torch.bool)
+        cols = torch.arange(d.shape[1])
+        gd = torch.where(gen, d, math.inf).amin(1)
+        idd = torch.where(imp, d, math.inf).amin(1)
+        # the lowest gallery index at the nearest distance: the evaluator's tie rule
+        gi = torch.where(gen & (d == gd.unsqueeze(1)), cols, d.shape[1]).amin(1)
+        ii = torch.where(imp & (d == idd.unsqueeze(1)), cols, d.shape[1]).amin(1)
+        self.near.append((gen.any(1), imp.any(1), gd, gi, idd, ii))
+
+    def result(self, fmrs, n_genuine: int, n_impostor: int) -> Verification:
+        genuine = torch.cat(self.genuine) if self.genuine else torch.zeros(0, dtype=torch.float64)
+        imp = torch.sort(self.impostor).values
+        if self.near:
+            has_g, has_i, gd, gi, idd, ii = (torch.cat(x) for x in zip(*self.near))
+        else:
+            has_g = has_i = torch.zeros(0, dtype=torch.bool)
+            gd = idd = torch.zeros(0, dtype=torch.float64)
+            gi = ii = torch.zeros(0, dtype=torch.long)
+        first_genuine = has_g & ((gd < idd) | ((gd == idd) & (gi < ii)))
+        thr, achieved, tmr, r1, fpir = [], [], [], [], []
+        for f in fmrs:
+            k = _allowed(f, n_impostor)
+            t = math.inf if k >= n_impostor else float(imp[k])
+            thr.append(t)
+            achieved.append(float((imp < t).sum()) / n_impostor if n_impostor else math.nan)
+            tmr.append(float((genuine < t).sum()) / genuine.numel() if genuine.numel() else math.nan)
+            nq = int(has_g.sum())
+            r1.append(float((first_genuine & (gd < t)).sum()) / nq if nq else math.nan)
+            ns = int(has_i.sum())
+            fpir.append(float((has_i & (idd < t)).sum()) / ns if ns else math.nan)
+        as64 = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+        return Verification(tuple(float(f) for f in fmrs), as64(thr), as64(achieved), as64(tmr), as64(r1),
+                            as64(fpir), n_genuine, n_impostor, int(has_g.sum()), int(has_i.sum()))
+
+
+def _pair_counts(gal: "_Gallery", qp: torch.Tensor, qc: torch.Tensor) -> tuple[int, int]:
+    """(genuine, impostor) pair counts of queries qp/qc against a junk-free gallery."""
+    _cols, pos, ign = gal.same_pid(qp, qc)
+    same = pos.sum(1) + ign.sum(1)
+    return int(pos.sum()), int((gal.size - same).sum())
+
+
+def verification(dist, q_pids, g_pids, q_cams, g_cams, *, fmrs=DEFAULT_FMRS, chunk: int | None = None) -> Verification:
+    """Open-set figures (:class:`Verification`) from a distance matrix.
+
+    dist (Q,G) float (NaN counts as +inf; not modified); pids/cams as in :func:`evaluate`; fmrs:
+    target false-match rates in (0, 1]. Memory: one block of ``chunk`` queries (default
+    CHUNK_ELEMENTS // G) plus the floor(max(fmrs) * impostors) + 1 smallest impostor distances.
+    """
+    _check_fmrs(fmrs)
+    dist = torch.as_tensor(dist)
+    qp, gp, qc, gc = map(_as_long, (q_pids, g_pids, q_cams, g_cams))
+    if dist.shape != (qp.numel(), gp.numel()) or qc.numel() != qp.numel() or gc.numel() != gp.numel():
+        raise ValueError(f"dist {tuple(dist.shape)} does not match {qp.numel()} queries x {gp.numel()} gallery")
+    keep = (gp != -1).nonzero(as_tuple=True)[0]
+    gal = _Gallery(gp[keep], gc[keep])
+    n_gen, n_imp = _pair_counts(gal, qp, qc)
+    ver = _Verifier(min(n_imp, _allowed(max(fmrs), n_imp) + 1))
+    step = _rows_per_chunk(gal.size, chunk)
+    for s in range(0, dist.shape[0], step):
+        ver.add(dist[s:s + step].index_select(1, keep), qp[s:s + step], qc[s:s + step], gal.pids, gal.cams)
+    return ver.result(fmrs, n_gen, n_imp)
+
+
+def verification_features(qf, qw, gf, gw, q_pids, g_pids, q_cams, g_cams, *, fmrs=DEFAULT_FMRS,
+                          chunk: int | None = 256) -> Verification:
+    """:func:`verification` straight from part features qf (Q,P,D), qw (Q,P), gf (G,P,D), gw (G,P),
+    one chunk of queries at a time (never a full (Q,G) matrix). Equals
+    ``verification(weighted_distance(...), ...)``."""
+    _check_fmrs(fmrs)
+    qp, gp, qc, gc = map(_as_long, (q_pids, g_pids, q_cams, g_cams))
+    keep = (gp != -1).nonzero(as_tuple=True)[0]
+    gal = _Gallery(gp[keep], gc[keep])
+    gw = torch.as_tensor(gw).float()
+    gs = _scaled_rows(torch.as_tensor(gf), gw, keep)
+    gw = gw[keep]
+    n_gen, n_imp = _pair_counts(gal, qp, qc)
+    ver = _Verifier(min(n_imp, _allowed(max(fmrs), n_imp) + 1))
+    qf, qw = torch.as_tensor(qf), torch.as_tensor(qw).float()
+    step = _rows_per_chunk(gal.size, chunk)
+    for s in range(0, qf.shape[0], step):
+        e = min(s + step, qf.shape[0])
+        d = _distance_block(_scaled(qf[s:e], qw[s:e]), qw[s:e], gs, gw)
+        ver.add(d, qp[s:e], qc[s:e], gal.pids, gal.cams)
+    return ver.result(fmrs, n_gen, n_imp)
+
+
+def format_verification(v: Verification) -> str:
+    """One line: TMR at each false-match rate with its threshold, and the pair counts."""
+    rates = " | ".join(f"TMR {100 * float(t):.2f}% @ FMR {100 * f:g}% (d < {float(th):.4f})"
+                       for f, t, th in zip(v.fmr, v.tmr, v.threshold))
+    return f"{rates} | {v.genuine:,} genuine / {v.impostor:,} impostor pairs"

@@ -4,9 +4,11 @@ test.py is the command line over this module: a script called ``test`` cannot be
 as such (Python's own ``test`` package comes first), and the benchmarks and tests need the
 very same evaluation. :func:`run_test` extracts the run's query and gallery features
 (:func:`compute_features`, through ``inference.features_of``), ranks with the chosen part
-weights (and re-ranked), prints Rank-k/mAP/mINP, and writes to the run folder: result.txt
-(appended), features.pt (what demo.py and report.py read), cmc.png, and with --report
-report.html.
+weights (and re-ranked), prints Rank-k/mAP/mINP and the true-match rate at 1 % and 0.1 %
+false-match rate (open set: ``evaluate.verification_features``), and writes to the run folder:
+result.txt (appended), features.pt (what demo.py and report.py read), cmc.png, with --report
+report.html, and with ``--split val --calibrate FMR`` threshold.json (the distance threshold at
+that false-match rate, which demo.py's searches answer "no match" beyond).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 import datasets
 import evaluate
 import report
+import search
+from gallery_index import run_identity_of
 from inference import add_eval_arguments, features_of, find_run, load_model
 from utils import (UserError, add_run_arguments, atomic_write_text, run_data_dir, same_dataset, save_features,
                    save_figure, select_device)
@@ -38,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no_features", action="store_true",
                     help="do not write features.pt (e.g. evaluating on another set while demo.py and report.py "
                          "keep reading the test split's)")
+    ap.add_argument("--calibrate", type=float, default=None, metavar="FMR",
+                    help="with --split val: store in RUN/threshold.json the distance threshold at this false-match "
+                         "rate (e.g. 0.01), beyond which demo.py's searches answer 'no match'")
     ap.add_argument("--no_flip", action="store_true", help="skip flip test-time augmentation")
     ap.add_argument("--batchsize", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2)
@@ -113,7 +120,9 @@ def compute_features(args: argparse.Namespace) -> tuple[Path, dict, dict, float]
 
 def run_test(args: argparse.Namespace) -> dict:
     """Everything ``python test.py ARGS`` does, for ``args = build_parser().parse_args(ARGS)``.
-    Returns {"plain": evaluate.Result, "features": the features dict, ["rerank": Result]}."""
+    Returns {"plain": evaluate.Result, "features": the features dict, "verification":
+    evaluate.Verification, ["rerank": Result], ["threshold": the threshold.json path]}."""
+    check_calibrate(args)
     run_dir, opts, features, t_extract = compute_features(args)
     if args.split == "test" and not args.no_features:
         save_features(run_dir, features)
@@ -139,8 +148,26 @@ def run_test(args: argparse.Namespace) -> dict:
         rr = evaluate.evaluate(dist, q["pids"], g["pids"], q["cams"], g["cams"], ap=args.ap)
         lines.append(f"re-ranked ({evaluate.RERANK_SETTINGS}): " + evaluate.format_result(rr))
         results["rerank"] = rr
+    fmrs = tuple(sorted(set(evaluate.DEFAULT_FMRS) | ({args.calibrate} if args.calibrate else set()), reverse=True))
+    t0 = time.perf_counter()
+    ver = evaluate.verification_features(qf, qw, gf, gw, q["pids"], g["pids"], q["cams"], g["cams"], fmrs=fmrs)
+    t_ver = time.perf_counter() - t0
+    lines.append("open set: " + evaluate.format_verification(ver))
+    results["verification"] = ver
+    if args.calibrate:
+        if not ver.impostor or not ver.genuine:
+            raise UserError(f"--calibrate: the validation split of {args.name} has {ver.genuine} genuine and "
+                            f"{ver.impostor} impostor pairs; it needs both (hold out more ids: --val_ids 0.15 or more)")
+        path = search.save_threshold(run_dir, calibration_record(args, opts, features, weighting, ver))
+        at = ver.at(args.calibrate)
+        lines.append(f"calibrated: same person if d < {at['threshold']:.4f} (FMR {100 * at['fmr_achieved']:.3g}% of "
+                     f"{ver.impostor:,} impostor pairs, TMR {100 * at['tmr']:.2f}%; a search of these "
+                     f"{len(g['pids'])} images answers the right person first and within it for "
+                     f"{100 * at['rank1_tmr']:.1f}% of the queries, a stranger for {100 * at['fpir']:.1f}% of "
+                     f"queries whose person is absent) -> {path}")
+        results["threshold"] = path
     lines.append(f"({len(q['pids'])} queries x {len(g['pids'])} gallery; extraction {t_extract:.1f} s, "
-                 f"evaluation {t_eval:.2f} s)")
+                 f"evaluation {t_eval:.2f} s, open set {t_ver:.2f} s)")
     text = "\n".join(lines)
     print(text)
     append_result(run_dir / "result.txt", time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n\n")
@@ -148,3 +175,30 @@ def run_test(args: argparse.Namespace) -> dict:
         known = {(weighting, False): res, **({(weighting, True): results["rerank"]} if args.rerank else {})}
         print(f"report: {report.build_report(run_dir, weighting=weighting, ap=args.ap, rerank=args.rerank, known=known)}")
     return results
+
+
+def check_calibrate(args: argparse.Namespace) -> None:
+    """--calibrate FMR: a fraction in (0, 1), on the validation split only (refused before any work)."""
+    if args.calibrate is None:
+        return
+    if not 0 < args.calibrate < 1:
+        raise UserError(f"--calibrate {args.calibrate}: expected a false-match rate in (0, 1), e.g. 0.01 for 1 %")
+    if args.split != "val":
+        raise UserError("--calibrate chooses the threshold on the validation ids (--split val; train with --val_ids "
+                        "0.15): a threshold tuned on the test split would make its reported rates optimistic")
+
+
+def calibration_record(args: argparse.Namespace, opts: dict, features: dict, weighting: str,
+                       ver: evaluate.Verification) -> dict:
+    """What RUN/threshold.json holds: the threshold at ``args.calibrate``, the rates measured with
+    it on the validation ids, and the identity of the checkpoint and settings it holds for."""
+    q, g = features["query"], features["gallery"]
+    at = ver.at(args.calibrate)
+    ident = run_identity_of(find_run(args.runs_dir, args.name), args.which, epoch=features["epoch"],
+                            flip=not args.no_flip, height=opts["height"], width=opts["width"],
+                            parts=int(q["emb"].shape[1]), embed_dim=int(q["emb"].shape[2]))
+    return {"threshold": at["threshold"], "rule": "same person if distance < threshold", "fmr": at["fmr"],
+            "fmr_achieved": at["fmr_achieved"], "tmr": at["tmr"], "rank1_tmr": at["rank1_tmr"], "fpir": at["fpir"],
+            "weighting": weighting, "split": "val", "val_ids": opts.get("val_ids"), "data_root": features["data_root"],
+            "queries": len(q["pids"]), "gallery": len(g["pids"]), "genuine_pairs": ver.genuine,
+            "impostor_pairs": ver.impostor, "identity": ident, "written": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -365,3 +365,87 @@ def test_eval_speed_difficulty_sets_how_deep_positives_rank():
     assert got["easy"].rank1 > got["realistic"].rank1 > got["hard"].rank1
     assert got["easy"].mAP > got["realistic"].mAP > got["hard"].mAP
     assert got["easy"].rank1 > 0.9 and got["hard"].rank1 < 0.6
+
+
+# --------------------------------------------------------------------------- index scores, open set
+def test_index_scores_give_the_weighted_distance():
+    g = torch.Generator().manual_seed(3)
+    qf, gf = torch.randn(5, 4, 8, generator=g), torch.randn(30, 4, 8, generator=g)
+    qw, gw = torch.rand(5, 4, generator=g), torch.rand(30, 4, generator=g)
+    gw[7] = 0                                   # all weights zero: distance 1, as weighted_distance says
+    qw[2, :3] = 0                               # one trusted stripe only
+    x, nx = E.index_vectors(qf, qw)
+    y, ny = E.index_vectors(gf, gw)
+    assert torch.allclose(x.norm(dim=1), torch.ones(5)) and y[7].abs().sum() == 0
+    assert torch.allclose(nx, qw.norm(dim=1))
+    d = E.distance_from_scores(x @ y.T, qw, gw.unsqueeze(0).expand(5, -1, -1))
+    ref = E.weighted_distance(qf, qw, gf, gw)
+    assert torch.allclose(d, ref, atol=1e-6) and torch.allclose(d[:, 7], torch.ones(5))
+    # uniform weights: the score is exactly 1 - D (no candidate is lost to the weight mismatch)
+    u = torch.full((5, 4), 0.25), torch.full((30, 4), 0.25)
+    xu, yu = E.index_vectors(qf, u[0])[0], E.index_vectors(gf, u[1])[0]
+    assert torch.allclose(1 - xu @ yu.T, E.weighted_distance(qf, u[0], gf, u[1]), atol=1e-6)
+
+
+def _open_set_case():
+    """2 queries x 6 gallery: genuine 0.10, 0.40 (q0), 0.25 (q1); impostors 0.30, 0.20 (q0),
+    0.50, 0.15, 0.35, 0.60 (q1); a same-camera match and a junk item that count as neither."""
+    dist = torch.tensor([[0.10, 0.05, 0.30, 0.20, 0.01, 0.40],
+                         [0.50, 0.15, 0.25, 0.35, 0.00, 0.60]], dtype=torch.float64)
+    return dist, [1, 2], [1, 1, 2, 3, -1, 1], [0, 0], [1, 0, 1, 1, 1, 1]
+
+
+def test_threshold_calibration_on_a_hand_built_case():
+    imp = torch.tensor([0.30, 0.20, 0.50, 0.15, 0.35, 0.60])
+    assert E.threshold_at_fmr(imp, 0.5) == pytest.approx(0.35)     # k = 3 accepted: 0.15, 0.20, 0.30
+    assert E.threshold_at_fmr(imp, 0.2) == pytest.approx(0.20)     # k = floor(1.2) = 1
+    assert E.threshold_at_fmr(imp, 0.1) == pytest.approx(0.15)     # k = 0: below the nearest impostor
+    assert E.threshold_at_fmr(imp, 1.0) == math.inf
+    # ties: never more than k accepted, however many share the boundary distance
+    assert E.threshold_at_fmr(torch.tensor([0.2, 0.2, 0.2, 0.5]), 0.5) == pytest.approx(0.2)
+    # 0.29 * 100 is 28.999... in floating point: still 29 allowed
+    assert E.threshold_at_fmr(torch.arange(100.0), 0.29) == 29.0
+    with pytest.raises(ValueError, match="false-match rate"):
+        E.threshold_at_fmr(imp, 0)
+
+
+def test_tmr_at_fmr_on_a_hand_built_case():
+    dist, qp, gp, qc, gc = _open_set_case()
+    v = E.verification(dist, qp, gp, qc, gc, fmrs=(0.5, 0.2, 0.1))
+    assert (v.genuine, v.impostor, v.queries, v.searched) == (3, 6, 2, 2)
+    assert v.threshold.tolist() == pytest.approx([0.35, 0.20, 0.15])
+    assert v.fmr_achieved.tolist() == pytest.approx([3 / 6, 1 / 6, 0.0])
+    assert v.tmr.tolist() == pytest.approx([2 / 3, 1 / 3, 1 / 3])
+    # q0's nearest valid item is genuine (0.10 < 0.20), q1's an impostor (0.15 < 0.25)
+    assert v.rank1_tmr.tolist() == pytest.approx([0.5, 0.5, 0.5])
+    # nearest impostors 0.20 (q0) and 0.15 (q1), accepted when strictly below the threshold
+    assert v.fpir.tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert v.at(0.2)["threshold"] == pytest.approx(0.2)
+    line = E.format_verification(v)
+    assert "TMR 66.67% @ FMR 50% (d < 0.3500)" in line and "3 genuine / 6 impostor pairs" in line
+
+
+def test_open_set_features_path_equals_matrix_path_and_chunks_agree():
+    rng = np.random.default_rng(5)
+    qf, qw, gf, gw = (torch.from_numpy(a) for a in (rng.random((40, 3, 6), dtype=np.float32),
+                                                      rng.random((40, 3), dtype=np.float32),
+                                                      rng.random((300, 3, 6), dtype=np.float32),
+                                                      rng.random((300, 3), dtype=np.float32)))
+    qp, gp = rng.integers(0, 12, 40), rng.integers(-1, 12, 300)
+    qc, gc = rng.integers(0, 3, 40), rng.integers(0, 3, 300)
+    dist = E.weighted_distance(qf, qw, gf, gw)
+    whole = E.verification(dist, qp, gp, qc, gc, fmrs=(0.05, 0.01))
+    chunked = E.verification(dist, qp, gp, qc, gc, fmrs=(0.05, 0.01), chunk=7)
+    feats = E.verification_features(qf, qw, gf, gw, qp, gp, qc, gc, fmrs=(0.05, 0.01), chunk=9)
+    same = (gp[None, :] == qp[:, None])
+    gen = same & (gc[None, :] != qc[:, None]) & (gp[None, :] != -1)
+    imp = ~same & (gp[None, :] != -1)
+    assert whole.genuine == gen.sum() and whole.impostor == imp.sum()
+    imp_d = np.sort(dist.numpy()[imp])
+    for v in (whole, chunked, feats):
+        assert (v.genuine, v.impostor) == (whole.genuine, whole.impostor)
+        for i, f in enumerate((0.05, 0.01)):
+            t = imp_d[int(f * len(imp_d))]
+            assert float(v.threshold[i]) == pytest.approx(t, abs=1e-6)
+            assert float(v.tmr[i]) == pytest.approx((dist.numpy()[gen] < t).mean(), abs=1e-9)
+            assert float(v.fmr_achieved[i]) <= f
