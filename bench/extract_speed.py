@@ -144,7 +144,7 @@ def report_onnx(names, times, outputs, batch: int) -> None:
           f"(max |emb| {outputs[torch_name][0].abs().max().item():.3g}), weights {d_w:.2e}")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--batch", type=int, default=64, help="images per batch (x2 passes with the mirror)")
@@ -167,13 +167,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.batch < 1:
         ap.error("--rounds and --batch must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
+    return args
 
-    g = torch.Generator().manual_seed(0)
-    img = torch.randn(args.batch, 3, args.height, args.width, generator=g)
-    calib = torch.randn(8, 3, args.height, args.width, generator=g)
+
+def build_variants(args, img: torch.Tensor, calib: torch.Tensor):
+    """-> ({name: fn(img) -> outputs}, the eval-mode AWPCN, its channels_last copy, seconds to fuse)."""
     torch.manual_seed(0)
     pcb = PCBReference(NUM_CLASSES)
     if not args.onnx:
@@ -212,12 +210,12 @@ def main(argv=None) -> int:
         else:
             print(f"(jit trace + freeze + optimize_for_inference: {time.perf_counter() - t0:.1f} s)")
             variants["AWPCN, jit freeze + optimize_for_inference"] = lambda x: awpcn_extract(jitted, x, False)
-    names = list(variants)
+    return variants, awpcn, awpcn_cl, t_fuse
 
-    print(f"extraction with flip TTA: batch {args.batch} (+ mirrors), {args.height}x{args.width}, fp32, "
-          f"{args.backbone}{'' if args.onnx else ' (PCB ref: resnet50)'}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.warmup} warm-up + {args.rounds} timed batches per variant, interleaved; "
-          f"fuse_for_inference took {t_fuse:.2f} s", flush=True)
+
+def time_interleaved(variants: dict, img: torch.Tensor, args) -> tuple[dict, dict]:
+    """Warm-up, then timed rounds with the order rotating each round -> ({name: [s]}, {name: last outputs})."""
+    names = list(variants)
     times = {n: [] for n in names}
     outputs = {}
     for r in range(args.warmup + args.rounds):
@@ -234,14 +232,15 @@ def main(argv=None) -> int:
         else:
             print(f"  round {r + 1}/{args.warmup + args.rounds}: "
                   + ", ".join(f"{n.split(' (')[0]} {times[n][-1]:.1f} s" for n in names), flush=True)
+    return times, outputs
 
-    if args.onnx:
-        report_onnx(names, times, outputs, args.batch)
-        print(f"total {time.perf_counter() - t_start:.0f} s")
-        return 0
+
+def report_speed(times: dict, batch: int) -> None:
+    """The table against the PCB reference (the first variant) and the target ratios."""
+    names = list(times)
     ref = names[0]
     med = {n: statistics.median(times[n]) for n in names}
-    ips = {n: args.batch / med[n] for n in names}
+    ips = {n: batch / med[n] for n in names}
     ratio = {n: statistics.median(tr / tn for tr, tn in zip(times[ref], times[n])) for n in names}
 
     print()
@@ -259,6 +258,9 @@ def main(argv=None) -> int:
     print(f"fusion gain over channels_last alone: "
           f"{statistics.median(tc / tf for tc, tf in zip(times['AWPCN, channels_last'], times[best])):.2f}x")
 
+
+def report_correctness(awpcn: nn.Module, img: torch.Tensor, outputs: dict) -> None:
+    """Fusion in float64 against the eval-mode trunk, then every fp32 variant against NCHW."""
     # Fusion is exact algebra: in float64 the fused model must reproduce the eval-mode model.
     # (The AWPCN head computes in float32, so the check is on the trunk, the part that is fused.)
     trunk64 = copy.deepcopy(awpcn.trunk).double().eval()
@@ -272,30 +274,54 @@ def main(argv=None) -> int:
     scale = max(1.0, base[0].abs().max().item())
     print(f"fp32 outputs vs AWPCN NCHW (max |emb| {scale:.3g}; channels_last alone shows the float-rounding "
           f"floor of a different conv algorithm over 50 layers):")
-    for n in names[2:]:
+    for n in list(outputs)[2:]:
         d = max_diff(base, outputs[n])
         cos = torch.nn.functional.cosine_similarity(base[0], outputs[n][0], dim=-1).min().item()
         print(f"  {n}: max abs diff {d:.2e}, relative to max |emb| {d / scale:.1e} "
               f"({'PASS' if d / scale <= FP32_TOL else 'FAIL'} at {FP32_TOL:g}); min part cosine {cos:.7f}")
 
-    if args.bf16:
-        small = img[: args.bf16_batch]
 
-        def bf16_run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return awpcn_extract(awpcn_cl, small, True)
+def report_bf16(awpcn_cl: nn.Module, small: torch.Tensor) -> None:
+    """One timed batch of bf16 autocast against fp32 (channels_last), and their output difference."""
+    def bf16_run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return awpcn_extract(awpcn_cl, small, True)
 
-        res = {}
-        for name, fn in (("fp32", lambda: awpcn_extract(awpcn_cl, small, True)), ("bf16 autocast", bf16_run)):
-            fn()                                     # warm-up
-            t0 = time.perf_counter()
-            out = fn()
-            res[name] = (time.perf_counter() - t0, out)
-        tf, tb = res["fp32"][0], res["bf16 autocast"][0]
-        d = max_diff(res["fp32"][1], res["bf16 autocast"][1])
-        print(f"\nbf16 autocast vs fp32 (AWPCN channels_last, batch {small.shape[0]}, 1 timed batch each): "
-              f"fp32 {small.shape[0] / tf:.2f} img/s, bf16 {small.shape[0] / tb:.2f} img/s "
-              f"({tb / tf:.1f}x slower), max abs emb diff {d:.2e}")
+    res = {}
+    for name, fn in (("fp32", lambda: awpcn_extract(awpcn_cl, small, True)), ("bf16 autocast", bf16_run)):
+        fn()                                     # warm-up
+        t0 = time.perf_counter()
+        out = fn()
+        res[name] = (time.perf_counter() - t0, out)
+    tf, tb = res["fp32"][0], res["bf16 autocast"][0]
+    d = max_diff(res["fp32"][1], res["bf16 autocast"][1])
+    print(f"\nbf16 autocast vs fp32 (AWPCN channels_last, batch {small.shape[0]}, 1 timed batch each): "
+          f"fp32 {small.shape[0] / tf:.2f} img/s, bf16 {small.shape[0] / tb:.2f} img/s "
+          f"({tb / tf:.1f}x slower), max abs emb diff {d:.2e}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(args.batch, 3, args.height, args.width, generator=g)
+    calib = torch.randn(8, 3, args.height, args.width, generator=g)
+    variants, awpcn, awpcn_cl, t_fuse = build_variants(args, img, calib)
+
+    print(f"extraction with flip TTA: batch {args.batch} (+ mirrors), {args.height}x{args.width}, fp32, "
+          f"{args.backbone}{'' if args.onnx else ' (PCB ref: resnet50)'}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.warmup} warm-up + {args.rounds} timed batches per variant, interleaved; "
+          f"fuse_for_inference took {t_fuse:.2f} s", flush=True)
+    times, outputs = time_interleaved(variants, img, args)
+    if args.onnx:
+        report_onnx(list(variants), times, outputs, args.batch)
+    else:
+        report_speed(times, args.batch)
+        report_correctness(awpcn, img, outputs)
+        if args.bf16:
+            report_bf16(awpcn_cl, img[: args.bf16_batch])
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 
