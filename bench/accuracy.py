@@ -394,6 +394,20 @@ def _train_settings(preset: str, train_args: list[str]) -> dict:
 _NOT_TRAINING = train.RUNTIME | {"data_dir", "seed", "preset"}
 
 
+def _same_setting(key: str, had, want) -> bool:
+    """One option of a finished run against today's. A weights file is the same file when its
+    path differs only because it sits in another venv or checkout (the preset resolves the
+    installed file): same name, and the same bytes wherever both are still on disk."""
+    if had == want:
+        return True
+    if key != "weights" or not had or not want:
+        return False
+    a, b = Path(had), Path(want)
+    if a.name != b.name:
+        return False
+    return not (a.is_file() and b.is_file()) or a.read_bytes() == b.read_bytes()
+
+
 def _made_with(record: dict, args, run_dir: Path | None = None) -> bool:
     """Whether a finished run was made with this preset and these train.py flags.
 
@@ -407,7 +421,7 @@ def _made_with(record: dict, args, run_dir: Path | None = None) -> bool:
     stored = Path(run_dir) / "opts.yaml" if run_dir is not None else None
     if stored is not None and stored.is_file():
         had = load_yaml(stored)
-        return all(had[k] == v for k, v in want.items() if k in had and k not in _NOT_TRAINING)
+        return all(_same_setting(k, had[k], v) for k, v in want.items() if k in had and k not in _NOT_TRAINING)
     return _train_settings(record.get("preset", args.preset),
                            [*variant, *record.get("train_args", args.train_args)]) == want
 

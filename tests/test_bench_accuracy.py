@@ -113,6 +113,19 @@ def test_a_finished_run_matches_its_flags_in_any_order_or_spelling(tmp_path):
     assert bench._made_with(old, args("--epochs", "12", "--head", "spatial", "--invariance", "0"), run)
 
 
+def test_a_run_trained_from_the_same_weights_file_in_another_venv_still_matches(tmp_path):
+    bench = _bench()
+    here, there, other = tmp_path / "venv_a" / "w.pt", tmp_path / "venv_b" / "w.pt", tmp_path / "c" / "w.pt"
+    for path, data in ((here, b"imagenet"), (there, b"imagenet"), (other, b"something else")):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert bench._same_setting("weights", str(there), str(here))
+    assert bench._same_setting("weights", "/gone/venv/w.pt", str(here))     # the old venv is gone
+    assert not bench._same_setting("weights", str(other), str(here))        # same name, other bytes
+    assert not bench._same_setting("weights", str(tmp_path / "x.pt"), str(here))
+    assert not bench._same_setting("lr", 0.1, 0.05)
+
+
 def test_table_reports_paired_seeds_and_their_spread():
     bench = _bench()
     rec = lambda v, s, m: {"variant": v, "seed": s, "train_seconds": 60.0,  # noqa: E731
