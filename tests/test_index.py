@@ -422,6 +422,34 @@ def test_index_speed_bench_measures_recall_against_the_exact_ranking(tmp_path):
     assert not (tmp_path / "w" / "faiss_flat_1500").exists()           # index folders removed unless --keep
 
 
+def test_fitted_synthetic_features_lie_where_the_real_ones_do():
+    sys.path.insert(0, str(REPO / "bench"))
+    import index_speed
+
+    # "real" features: 40 identities of 5 images along 6 directions of 128 values, half zero
+    g = torch.Generator().manual_seed(0)
+    pids = torch.arange(200) // 5
+    basis = torch.randn(6, 128, generator=g)
+    centre = torch.randn(40, 6, generator=g)
+    x = torch.relu((centre[pids] + 0.3 * torch.randn(200, 6, generator=g)) @ basis)
+    emb, w = x.reshape(200, 2, 64), torch.softmax(torch.randn(200, 2, generator=g), 1)
+    fitted = index_speed.Synthetic.fitted(emb, w, pids, per_id=5)
+    generic = index_speed.Synthetic(2, 64, per_id=5)
+    real_x = evaluate.index_vectors(emb, w)[0]
+    for gen, near in ((fitted, True), (generic, False)):
+        e, ws, _ = gen.chunk(0, 2000)
+        assert e.shape == (2000, 2, 64) and (e >= 0).all()
+        # every real image has synthetic neighbours about as near as its real ones
+        nn_syn = (real_x @ evaluate.index_vectors(e, ws)[0].T).max(1).values.mean()
+        nn_real = (real_x @ real_x.T).fill_diagonal_(-1).max(1).values.mean()
+        assert (nn_syn > nn_real - 0.15) == near, (gen.kind, float(nn_syn), float(nn_real))
+    e = fitted.chunk(0, 2000)[0]
+    assert abs(float((e == 0).float().mean()) - float((x == 0).float().mean())) < 0.03   # zeros as real
+    assert {tuple(r) for r in fitted.chunk(0, 50)[1].tolist()} <= {tuple(r) for r in w.tolist()}
+    with pytest.raises(UserError, match="--synthetic fitted: needs --features"):
+        index_speed.run(index_speed.build_parser().parse_args(["--synthetic", "fitted", "--json", ""]))
+
+
 def test_int8_features_do_not_mix_with_fp32_ones(tmp_path):
     import gallery_index as GI
 
