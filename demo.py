@@ -16,7 +16,8 @@ updates it (new and changed images extracted, vanished ones removed), --query se
 Open set: with model/RUN/threshold.json (test.py --split val --calibrate FMR) a search lists only
 images nearer than the calibrated threshold, and says "no match" when there is none.
 Under each image: its distance to the query. Beside each image: a strip of its P part
-weights, one cell per stripe, darker = trusted more (numbers in the cells).
+weights, one cell per stripe (region head: per body part, head to feet, wherever the image
+shows it), green = trusted more, red = less, yellow = uniform (numbers in the cells).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import torch
 
 import evaluate
 from inference import Extractor, add_eval_arguments, find_run
-from utils import FEATURES_FILE, UserError, add_run_arguments, cli, load_features, save_figure
+from model import weight_unit
+from utils import FEATURES_FILE, UserError, add_run_arguments, cli, load_features, load_yaml, save_figure
 
 def rank_gallery(feats: dict, index: int, topk: int, weighting: str):
     """Gallery ranking of query ``index`` under the evaluation protocol.
@@ -47,7 +49,7 @@ def rank_gallery(feats: dict, index: int, topk: int, weighting: str):
     return order[0][keep], dist[0][keep]
 
 
-def draw(feats: dict, index: int, order, dists, path: Path) -> None:
+def draw(feats: dict, index: int, order, dists, path: Path, unit: str = "stripe") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -70,8 +72,9 @@ def draw(feats: dict, index: int, order, dists, path: Path) -> None:
             side.set_color(colour), side.set_linewidth(4)
         ax.set_title(title, fontsize=8)
         ax.set_xlabel(caption, fontsize=8)
-        # One cell per stripe, level with the stripe it weighs; colour = weight x P, so
-        # 1.0 (yellow) is "uniform", green trusted more, red trusted less.
+        # One cell per stripe (level with the stripe it weighs) or per body part (region head:
+        # cell i is body part i, wherever the image shows it); colour = weight x P, so 1.0
+        # (yellow) is "uniform", green trusted more, red trusted less.
         wax = ax.inset_axes([1.03, 0.0, 0.16, 1.0])
         w = weights.reshape(-1, 1).float().numpy()
         wax.imshow(w * parts, cmap="RdYlGn", vmin=0, vmax=2, aspect="auto")
@@ -90,9 +93,11 @@ def draw(feats: dict, index: int, order, dists, path: Path) -> None:
         panel(axes[0, j + 1], g["paths"][gi], g["weights"][gi],
               f"#{j + 1} id {gpid}" if known else f"#{j + 1}\n{short(g['paths'][gi])}",
               ("green" if gpid == qpid else "red") if known else None, f"d={d:.3f}")
+    strips = ("strips: body parts seen, head to feet (region head)" if unit == "body part"
+              else "strips: part weights, one per stripe")
     fig.suptitle(f"run {feats.get('run', '?')}: {f'query {index}' if known else 'the query'} and its top-{len(order)} "
-                 + ("(border green = same id, red = different; strips: part weights)" if known
-                    else f"in {feats.get('gallery_dir', 'the gallery')} (strips: part weights)"), fontsize=9)
+                 + (f"(border green = same id, red = different; {strips})" if known
+                    else f"in {feats.get('gallery_dir', 'the gallery')} ({strips})"), fontsize=9)
     fig.subplots_adjust(wspace=0.35)
     save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -135,7 +140,7 @@ def run_search(args: argparse.Namespace) -> Path:
              "query": {"paths": [res["query"]], "weights": res["query_weights"], "pids": None},
              "gallery": {"paths": res["paths"], "weights": res["weights"], "pids": None}}
     out = run_dir / search_figure_name(args.query)
-    draw(feats, 0, order[keep], dists[keep], out)
+    draw(feats, 0, order[keep], dists[keep], out, weight_unit(weighting, (ext.opts or {}).get("head")))
     print(f"saved {out}")
     return out
 
@@ -207,7 +212,8 @@ def run_index(args: argparse.Namespace) -> Path | None:
              "gallery": {"paths": [hits.names[0][j] for j in range(n)],
                          "weights": torch.from_numpy(hits.weights[0][:n]), "pids": None}}
     out = run_dir / search_figure_name(args.query)
-    draw(feats, 0, torch.arange(n), torch.from_numpy(hits.dists[0][:n]), out)
+    draw(feats, 0, torch.arange(n), torch.from_numpy(hits.dists[0][:n]), out,
+         weight_unit(weighting, (ext.opts or {}).get("head")))
     print(f"saved {out}")
     return out
 
@@ -234,7 +240,8 @@ def run_demo(args: argparse.Namespace) -> Path | None:
     weighting = args.weighting or feats.get("weighting", "adaptive")
     order, dists = rank_gallery(feats, args.query_index, args.topk, weighting)
     out = run_dir / "show.png"
-    draw(feats, args.query_index, order, dists, out)
+    opts = load_yaml(run_dir / "opts.yaml") if (run_dir / "opts.yaml").is_file() else {}
+    draw(feats, args.query_index, order, dists, out, weight_unit(weighting, opts.get("head")))
     qpid = int(feats["query"]["pids"][args.query_index])
     hits = [int(feats["gallery"]["pids"][i]) == qpid for i in order.tolist()]
     print(f"query {args.query_index} (id {qpid}): top-{len(hits)} "

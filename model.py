@@ -72,6 +72,12 @@ MODEL_KEYS = ("backbone", "parts", "embed_dim", "weighting", "head", "temperatur
 RUN_KEYS = MODEL_KEYS + ("height", "width")
 
 
+def weight_unit(weighting: str, head: str | None) -> str:
+    """What one part weight is about: "body part" for the adaptive region head (its parts follow
+    the body wherever the image shows it), else "stripe" (a fixed band of the image)."""
+    return "body part" if weighting == "adaptive" and head == "region" else "stripe"
+
+
 def visibility_to_weights(v: torch.Tensor) -> torch.Tensor:
     """v (N, P) predicted visible fraction of each stripe -> part weights (N, P), rows summing to 1."""
     return v / v.sum(1, keepdim=True).clamp_min(1e-6)

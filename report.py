@@ -31,7 +31,7 @@ from PIL import Image
 import datasets
 import evaluate
 from inference import add_eval_arguments, check_options, load_options
-from model import WEIGHTINGS
+from model import WEIGHTINGS, weight_unit
 from utils import (FEATURES_FILE, UserError, add_run_arguments, atomic_write_text, cli, load_features, load_yaml,
                    run_data_dir, same_dataset)
 
@@ -534,7 +534,7 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
     truth = datasets.occlusion_truth(test_root) if test_root != "?" else None
     partial = datasets.partial_truth(test_root) if test_root != "?" else None
     # A region head's weights are body parts' visibility, not stripes'.
-    unit = "body part" if run_weighting == "adaptive" and opts.get("head") == "region" else "stripe"
+    unit = weight_unit(run_weighting, opts.get("head"))
     thumbs = Thumbnails()
     info = _header(feats, opts, run_dir, primary, pq, ap, unit)
     q = feats["query"]

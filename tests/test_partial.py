@@ -175,7 +175,7 @@ def test_region_head_trains_and_logs_its_row_error(region_run):
     assert "region_mae" in log and "region_ce" in log
 
 
-def test_report_splits_partial_queries_and_labels_body_parts(region_run, synthetic_dir, tmp_path):
+def test_report_splits_partial_queries_and_labels_body_parts(region_run, synthetic_dir, tmp_path, monkeypatch):
     import report
     import results
 
@@ -189,6 +189,13 @@ def test_report_splits_partial_queries_and_labels_body_parts(region_run, synthet
     table = page.split('id="partial-table"')[1].split("</table>")[0]
     assert ">partial<" in table and ">whole<" in table
     assert 'title="body part 1: weight x P' in page and "partial: " in page
+    # demo.py's picture says the same: its strips are body parts, not stripes of the image
+    import demo
+    titles = []
+    monkeypatch.setattr(demo, "save_figure", lambda fig, path, **kw: titles.append(fig._suptitle.get_text()))
+    assert demo.main(["--name", region_run.name, "--runs_dir", str(region_run.parent), "--query_index", "0",
+                      "--topk", "2"]) == 0
+    assert "strips: body parts seen, head to feet (region head)" in titles[0]
 
 
 def test_region_export_matches_pytorch(tmp_path):
