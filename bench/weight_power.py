@@ -1,0 +1,113 @@
+"""Sharpened part weights at test time: w_i^g / sum_j w_j^g, chosen on validation.
+
+    .venv/bin/python bench/weight_power.py --runs RUNS_DIR/awpcn_s0 RUNS_DIR/awpcn_s1 ... \\
+        --val_partial ~/awpcn-bench/market_val_partial --partial ~/awpcn-bench/market_partial \\
+        --powers 1 1.5 2 3 --json bench/results/partial/weight_power.json
+
+A region-head run's weight for a part its query does not show is that part's predicted mass,
+small but not zero. Raising every weight to a power g > 1 (and renormalising) pushes such
+parts further toward zero without touching the features. For each run and power, on the
+validation partial-view benchmark (prepare.py --partial --val_ids): mAP of partial, whole and
+all queries and the mean weight x P of the parts outside a partial query's view. The power
+with the best mean validation mAP over all queries is chosen; with ``--partial`` the test
+benchmark is then evaluated at g = 1 and at the chosen g only. Features are extracted once
+per run and benchmark; the powers are applied to the saved weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import torch  # noqa: E402
+
+import accuracy  # noqa: E402
+import datasets  # noqa: E402
+from utils import UserError, atomic_write_text, cli  # noqa: E402
+
+
+def sharpened(feats: dict, power: float) -> dict:
+    """feats with every image's weights (N, P) raised to ``power`` and renormalised."""
+    out = {}
+    for split in ("query", "gallery"):
+        w = feats[split]["weights"].double().clamp_min(0) ** power
+        out[split] = {**feats[split], "weights": (w / w.sum(1, keepdim=True).clamp_min(1e-30)).float()}
+    return out
+
+
+def measure(feats: dict, truth: dict, power: float) -> dict:
+    """mAP of partial / whole / all queries and weight x P outside the view, at one power."""
+    f = sharpened(feats, power)
+    views = accuracy.split_by_view(f, truth, "adaptive")
+    return {"power": power, "partial_mAP": views["partial"]["mAP"], "whole_mAP": views["whole"]["mAP"],
+            "all_mAP": accuracy.metrics_from_features(f, "adaptive")["mAP"],
+            "partial_rank1": views["partial"]["rank1"],
+            "outside_view": accuracy.view_weight_summary(f, truth)["outside_view"]}
+
+
+def features(run: Path, data: str, workers: int) -> dict:
+    return accuracy._test_features(run.name, run.parent, workers, data)
+
+
+def run(args) -> dict:
+    if any(p <= 0 for p in args.powers):
+        raise UserError(f"--powers {args.powers}: every power must be above 0")
+    runs = [Path(r).expanduser() for r in args.runs]
+    for r in runs:
+        if not (r / "last.pt").is_file():
+            raise UserError(f"--runs {r}: no last.pt there; pass a finished run folder")
+    val_truth = datasets.partial_truth(args.val_partial)
+    rec = {"runs": [str(r) for r in runs], "val_partial": args.val_partial, "val": {}}
+    for r in runs:
+        f = features(r, args.val_partial, args.workers)
+        rec["val"][r.name] = [measure(f, val_truth, p) for p in args.powers]
+        for row in rec["val"][r.name]:
+            print(f"val {r.name} power {row['power']:g}: all {100 * row['all_mAP']:.1f} partial "
+                  f"{100 * row['partial_mAP']:.1f} whole {100 * row['whole_mAP']:.1f} mAP, weight x P outside "
+                  f"the view {row['outside_view']:.3f}")
+    mean_all = {p: statistics.mean(rec["val"][r.name][i]["all_mAP"] for r in runs) for i, p in enumerate(args.powers)}
+    chosen = max(args.powers, key=lambda p: (mean_all[p], -abs(p - 1)))
+    rec["chosen"] = chosen
+    print(f"chosen on validation (mean mAP of all queries): power {chosen:g}")
+    if args.partial:
+        truth = datasets.partial_truth(args.partial)
+        rec["partial"], rec["test"] = args.partial, {}
+        for r in runs:
+            f = features(r, args.partial, args.workers)
+            rec["test"][r.name] = [measure(f, truth, p) for p in dict.fromkeys([1.0, chosen])]
+            for row in rec["test"][r.name]:
+                print(f"test {r.name} power {row['power']:g}: all {100 * row['all_mAP']:.1f} partial "
+                      f"{100 * row['partial_mAP']:.1f} whole {100 * row['whole_mAP']:.1f} mAP, weight x P "
+                      f"outside the view {row['outside_view']:.3f}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rec, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return rec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--runs", nargs="+", required=True, help="finished run folders (adaptive weights)")
+    ap.add_argument("--val_partial", required=True, help="prepare.py --partial --val_ids benchmark: where g is chosen")
+    ap.add_argument("--partial", default=None, help="the test benchmark (prepare.py --partial), touched at the chosen g")
+    ap.add_argument("--powers", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--json", default="", help="where to write every figure ('': nowhere)")
+    return ap
+
+
+@cli
+def main(argv=None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
