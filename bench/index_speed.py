@@ -257,6 +257,23 @@ def _load_real(path: Path, n_queries: int):
         raise UserError(f"--features {path}: not a features.pt of test.py (query/gallery emb and weights)") from None
 
 
+def likeness(gen: Synthetic, real, n: int = 100_000) -> dict:
+    """How alike the synthetic and the real images are, seen from the real queries: the mean
+    cosine (index vectors) of their nearest and 10th-nearest real gallery image and synthetic
+    image (among ``n``), and the share of their exact top 10 in a gallery of both that is
+    synthetic."""
+    qf, qw, gf, gw = real[:4]
+    emb, w, _ = gen.chunk(0, n)
+    xq = evaluate.index_vectors(qf, qw)[0]
+    out = {}
+    for name, x in (("real", evaluate.index_vectors(gf, gw)[0]), ("synthetic", evaluate.index_vectors(emb, w)[0])):
+        top = (xq @ x.T).topk(min(10, len(x)), dim=1).values
+        out[f"top1_cos_{name}"], out[f"top10_cos_{name}"] = float(top[:, 0].mean()), float(top[:, -1].mean())
+    d = evaluate.weighted_distance(qf, qw, torch.cat([gf, emb]), torch.cat([gw, w]))
+    out["synthetic_share_of_top10"] = float((d.topk(10, dim=1, largest=False).indices >= len(gf)).float().mean())
+    return out
+
+
 def run_one(n: int, kind: str, args, gen: Synthetic, qf, qw, real_q: int, real_g, workdir: Path, log) -> list[dict]:
     backend = "milvus" if args.milvus else "faiss"
     store = args.store if (kind == "ivfpq" and backend == "faiss") else None
@@ -388,6 +405,12 @@ def run(args: argparse.Namespace, log=print) -> list[dict]:
     else:
         gen = Synthetic(parts, dim, args.per_id, args.seed)
     log(f"synthetic gallery: {gen.kind} generator")
+    alike = None
+    if real is not None:
+        alike = likeness(gen, real, min(max(args.sizes), 100_000))
+        log("real queries' nearest real / synthetic image: cos {top1_cos_real:.3f} / {top1_cos_synthetic:.3f}; "
+            "10th nearest {top10_cos_real:.3f} / {top10_cos_synthetic:.3f}; synthetic share of their exact top 10 "
+            "(real gallery + up to 100k synthetic): {synthetic_share_of_top10:.3f}".format(**alike))
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="index_speed_"))
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -408,7 +431,8 @@ def run(args: argparse.Namespace, log=print) -> list[dict]:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         record = {"command": "bench/index_speed.py " + " ".join(getattr(args, "argv", ["(from code)"])), "threads": torch.get_num_threads(),
-                  "cpus": os.cpu_count(), "written": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+                  "cpus": os.cpu_count(), "written": time.strftime("%Y-%m-%d %H:%M:%S"), "likeness": alike,
+                  "rows": rows}
         atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
     print(table(rows))
     if args.json:

@@ -443,6 +443,11 @@ def test_fitted_synthetic_features_lie_where_the_real_ones_do():
         nn_syn = (real_x @ evaluate.index_vectors(e, ws)[0].T).max(1).values.mean()
         nn_real = (real_x @ real_x.T).fill_diagonal_(-1).max(1).values.mean()
         assert (nn_syn > nn_real - 0.15) == near, (gen.kind, float(nn_syn), float(nn_real))
+    # what the bench logs: seen from real queries, how near the synthetic images come
+    real = (emb[::10], w[::10], emb[pids % 10 < 5], w[pids % 10 < 5])
+    near, far = index_speed.likeness(fitted, real, 2000), index_speed.likeness(generic, real, 2000)
+    assert near["top1_cos_synthetic"] > far["top1_cos_synthetic"] + 0.2
+    assert near["synthetic_share_of_top10"] > 0.5 and far["synthetic_share_of_top10"] < 0.05
     e = fitted.chunk(0, 2000)[0]
     assert abs(float((e == 0).float().mean()) - float((x == 0).float().mean())) < 0.03   # zeros as real
     assert {tuple(r) for r in fitted.chunk(0, 50)[1].tolist()} <= {tuple(r) for r in w.tolist()}
