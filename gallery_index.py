@@ -72,8 +72,8 @@ FLAT_MAX = 50_000
 # auto: past this many bytes of full vectors (N x P*D x 4) an IVF index is product-quantised.
 MEMORY_BUDGET = 8 << 30
 DEFAULT_CANDIDATES = 100      # candidates re-scored per query (at least 10 x k)
-# Lists scanned per query (ivf, ivfpq). At 10M images in 4,096 lists, 16 found 0.80 of the
-# exact top 10 and 64 found 0.94 for 1.2x the latency (docs/search.md).
+# Lists scanned per query (ivf, ivfpq); chosen on the 10M run of docs/search.md, where 16
+# lists lost a fifth of the exact top 10 for little less latency.
 DEFAULT_NPROBE = 64
 DEFAULT_EF = 128              # HNSW efSearch (at least the candidates asked for)
 HNSW_M = 32                   # graph neighbours per image
