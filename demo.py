@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 import evaluate
-from inference import Extractor, add_eval_arguments, find_run
+from inference import Extractor, add_eval_arguments, find_run, run_options
 from model import weight_unit
-from utils import FEATURES_FILE, UserError, add_run_arguments, cli, load_features, load_yaml, save_figure
+from utils import FEATURES_FILE, UserError, add_run_arguments, cli, load_features, save_figure
 
 def rank_gallery(feats: dict, index: int, topk: int, weighting: str):
     """Gallery ranking of query ``index`` under the evaluation protocol.
@@ -240,8 +240,8 @@ def run_demo(args: argparse.Namespace) -> Path | None:
     weighting = args.weighting or feats.get("weighting", "adaptive")
     order, dists = rank_gallery(feats, args.query_index, args.topk, weighting)
     out = run_dir / "show.png"
-    opts = load_yaml(run_dir / "opts.yaml") if (run_dir / "opts.yaml").is_file() else {}
-    draw(feats, args.query_index, order, dists, out, weight_unit(weighting, opts.get("head")))
+    head = run_options(run_dir, feats.get("checkpoint") or args.which).get("head")
+    draw(feats, args.query_index, order, dists, out, weight_unit(weighting, head))
     qpid = int(feats["query"]["pids"][args.query_index])
     hits = [int(feats["gallery"]["pids"][i]) == qpid for i in order.tolist()]
     print(f"query {args.query_index} (id {qpid}): top-{len(hits)} "

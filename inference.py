@@ -197,6 +197,20 @@ def load_options(run_dir: str | os.PathLike, which: str = "last") -> tuple[dict,
     return opts, ckpt
 
 
+def run_options(run_dir: str | os.PathLike, which: str = "last") -> dict:
+    """A run's opts.yaml for display, held to the checkpoint's own options as every tool holds
+    it (:func:`load_options`); {} when there is none. Without the checkpoint (features kept,
+    checkpoints deleted) only its keys and types can be checked."""
+    path = Path(run_dir) / "opts.yaml"
+    if not path.is_file():
+        return {}
+    if (Path(run_dir) / f"{which}.pt").is_file():
+        return load_options(run_dir, which)[0]
+    opts = load_yaml(path)
+    check_options(opts, path)
+    return opts
+
+
 def load_model(run_dir: Path, which: str = "last") -> tuple[AWPCN, dict, dict]:
     """Rebuild the run's model from opts.yaml and load a checkpoint. Returns (model, opts, ckpt).
 

@@ -30,9 +30,9 @@ from PIL import Image
 
 import datasets
 import evaluate
-from inference import add_eval_arguments, check_options, load_options
+from inference import add_eval_arguments, run_options
 from model import WEIGHTINGS, weight_unit
-from utils import (FEATURES_FILE, UserError, add_run_arguments, atomic_write_text, cli, load_features, load_yaml,
+from utils import (FEATURES_FILE, UserError, add_run_arguments, atomic_write_text, cli, load_features,
                    run_data_dir, same_dataset)
 
 REPORT_FILE = "report.html"
@@ -364,20 +364,6 @@ def query_rows(idx: list[int], feats: dict, weighting: str, per_query: evaluate.
 
 
 # --------------------------------------------------------------------------- the page
-def _run_options(run_dir: Path, which: str) -> dict:
-    """The run's opts.yaml for the header, held to the checkpoint's own options as every tool
-    holds it (inference.load_options); {} when there is none. Without the checkpoint (features
-    kept, checkpoints deleted) only its keys and types can be checked."""
-    path = run_dir / "opts.yaml"
-    if not path.is_file():
-        return {}
-    if (run_dir / f"{which}.pt").is_file():
-        return load_options(run_dir, which)[0]
-    opts = load_yaml(path)
-    check_options(opts, path)
-    return opts
-
-
 def _header(feats: dict, opts: dict, run_dir: Path, primary: str, pq: evaluate.PerQuery, ap: str,
             unit: str) -> list[tuple[str, str]]:
     """The run table at the top: (label, HTML) rows."""
@@ -524,7 +510,7 @@ def build_report(run_dir: str | os.PathLike, *, weighting: str | None = None, ap
                         f"--name {run_dir.name}")
     if ap not in evaluate.AP_FORMULAS:
         raise UserError(f"--ap {ap}: expected one of {', '.join(evaluate.AP_FORMULAS)}")
-    opts = _run_options(run_dir, feats.get("checkpoint") or "last")
+    opts = run_options(run_dir, feats.get("checkpoint") or "last")
     run_weighting = feats.get("weighting", "adaptive")
     primary = weighting or run_weighting
     weightings = list(WEIGHTINGS) if "adaptive" in (run_weighting, primary) else ["uniform"]

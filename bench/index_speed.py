@@ -107,8 +107,7 @@ class Synthetic:
         variance the kept directions miss becomes the isotropic noise; weights are drawn from
         the real images' weights. Synthetic images then lie where the model's features lie,
         so real images mixed into the gallery are not an island the index has to find its way
-        into (the generic generator's features sit at cos ~0.35 from every real image, where
-        real neighbours sit at 0.8-0.9).
+        into (how near they come: :func:`likeness`, logged by every run with --features).
         """
         x = torch.as_tensor(emb).float().flatten(1).double()
         pids = torch.as_tensor(pids)
@@ -135,8 +134,8 @@ class Synthetic:
         gen.s = {**gen.s, "iso": math.sqrt(id_missed + noise_missed)}
         gen.weight_pool = torch.as_tensor(w).float().numpy()
         gen.kind = "fitted"
-        # A Gaussian fitted to post-ReLU values is zero far less often than they are (26 % of
-        # values against 50 %): shift each value so that its share of zeros is the real one.
+        # A Gaussian fitted to post-ReLU values is zero far less often than they are: shift
+        # each value so that its share of zeros is the real one.
         sample = gen._pre_relu(np.arange(FIT_SAMPLE, dtype=np.int64) // per_id, np.random.default_rng([seed, 4]))
         zeros = (x == 0).double().mean(0).numpy()
         rank = np.clip(np.round(zeros * (FIT_SAMPLE - 1)).astype(np.int64), 0, FIT_SAMPLE - 1)

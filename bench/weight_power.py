@@ -51,8 +51,10 @@ def measure(feats: dict, truth: dict, power: float) -> dict:
             "outside_view": accuracy.view_weight_summary(f, truth)["outside_view"]}
 
 
-def features(run: Path, data: str, workers: int) -> dict:
-    return accuracy._test_features(run.name, run.parent, workers, data)
+def _line(split: str, run: str, row: dict) -> str:
+    return (f"{split} {run} power {row['power']:g}: all {100 * row['all_mAP']:.1f} partial "
+            f"{100 * row['partial_mAP']:.1f} whole {100 * row['whole_mAP']:.1f} mAP, weight x P outside the view "
+            f"{row['outside_view']:.3f}")
 
 
 def run(args) -> dict:
@@ -65,12 +67,10 @@ def run(args) -> dict:
     val_truth = datasets.partial_truth(args.val_partial)
     rec = {"runs": [str(r) for r in runs], "val_partial": args.val_partial, "val": {}}
     for r in runs:
-        f = features(r, args.val_partial, args.workers)
+        f = accuracy._test_features(r.name, r.parent, args.workers, args.val_partial)
         rec["val"][r.name] = [measure(f, val_truth, p) for p in args.powers]
         for row in rec["val"][r.name]:
-            print(f"val {r.name} power {row['power']:g}: all {100 * row['all_mAP']:.1f} partial "
-                  f"{100 * row['partial_mAP']:.1f} whole {100 * row['whole_mAP']:.1f} mAP, weight x P outside "
-                  f"the view {row['outside_view']:.3f}")
+            print(_line("val", r.name, row))
     mean_all = {p: statistics.mean(rec["val"][r.name][i]["all_mAP"] for r in runs) for i, p in enumerate(args.powers)}
     chosen = max(args.powers, key=lambda p: (mean_all[p], -abs(p - 1)))
     rec["chosen"] = chosen
@@ -79,12 +79,10 @@ def run(args) -> dict:
         truth = datasets.partial_truth(args.partial)
         rec["partial"], rec["test"] = args.partial, {}
         for r in runs:
-            f = features(r, args.partial, args.workers)
+            f = accuracy._test_features(r.name, r.parent, args.workers, args.partial)
             rec["test"][r.name] = [measure(f, truth, p) for p in dict.fromkeys([1.0, chosen])]
             for row in rec["test"][r.name]:
-                print(f"test {r.name} power {row['power']:g}: all {100 * row['all_mAP']:.1f} partial "
-                      f"{100 * row['partial_mAP']:.1f} whole {100 * row['whole_mAP']:.1f} mAP, weight x P "
-                      f"outside the view {row['outside_view']:.3f}")
+                print(_line("test", r.name, row))
     if args.json:
         atomic_write_text(args.json, json.dumps(rec, indent=1) + "\n")
         print(f"wrote {args.json}")
