@@ -176,7 +176,7 @@ def run_index(args: argparse.Namespace) -> Path | None:
     if not (args.query or args.gallery):
         raise UserError(f"--index {args.index}: give --gallery DIR to build or update it, and/or --query IMAGE to "
                         "search it")
-    for flag in ("topk", "batchsize"):
+    for flag in ("topk", "batchsize", "passes"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     run_dir = find_run(args.runs_dir, args.name)
@@ -198,7 +198,7 @@ def run_index(args: argparse.Namespace) -> Path | None:
                         "--weighting, or build another index with that weighting")
     threshold, why = search.resolve_threshold(args.threshold, run_dir, lambda: _identity(ext), weighting)
     res = search.search_index(ext, args.query, args.index, topk=args.topk, threshold=threshold,
-                              candidates=args.candidates, nprobe=args.nprobe, ef=args.ef)
+                              candidates=args.candidates, nprobe=args.nprobe, ef=args.ef, passes=args.passes)
     hits = res["hits"]
     print(f"query {args.query} vs {res['description']} | run {args.name} [{args.which}, epoch {ext.epoch}]")
     print(why)
@@ -251,6 +251,8 @@ def run_demo(args: argparse.Namespace) -> Path | None:
 
 @cli
 def main(argv=None) -> int:
+    import gallery_index
+
     ap = argparse.ArgumentParser(description="Draw a query's ranked list with part weights.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arguments(ap, which=None)
@@ -274,6 +276,9 @@ def main(argv=None) -> int:
                     help="--index: candidates re-scored exactly per query (default max(100, 10 x topk))")
     ap.add_argument("--nprobe", type=int, default=None, help="--index: inverted lists scanned per query (ivf, ivfpq)")
     ap.add_argument("--ef", type=int, default=None, help="--index: graph candidates explored per query (hnsw)")
+    ap.add_argument("--passes", type=int, default=gallery_index.DEFAULT_PASSES,
+                    help="--index: candidate passes at most; 1 is about twice as fast on a large HNSW index, and "
+                         "loses recall mostly on partial and occluded queries (docs/search.md)")
     ap.add_argument("--threshold", default="auto",
                     help="auto: RUN/threshold.json if there is one (test.py --split val --calibrate); none; or a "
                          "distance: only images nearer than it are answers")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +47,7 @@ DENSE_MIN = 64
 # Re-ranking holds about RERANK_BYTES_PER_PAIR * (Q+G)^2 bytes (dense float32/bool matrices).
 RERANK_MAX_ITEMS = 20_000
 RERANK_BYTES_PER_PAIR = 12
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 class RerankTooLarge(UserError, ValueError):
@@ -609,7 +611,7 @@ def rerank_features(qf, qw, gf, gw, *, k1: int = RERANK_K1, k2: int = RERANK_K2,
 
 
 # --------------------------------------------------------------------------- index scores
-def index_vectors(f, w) -> tuple[torch.Tensor, torch.Tensor]:
+def index_vectors(f, w):
     """The vectors a gallery index stores: f (N,P,D), w (N,P) >= 0 -> (x (N,P*D) float32, norm (N,) float32).
 
     ``x = concat_i(w_i u_i) / ||w||`` with ``u_i = f_i / ||f_i||``: a unit vector (all zeros when
@@ -619,14 +621,24 @@ def index_vectors(f, w) -> tuple[torch.Tensor, torch.Tensor]:
     :func:`distance_from_scores` turns their scores into the exact distance. The score itself is
     ``(1 - D(q,g)) * cos(w(q), w(g))``: the similarity, damped where the two images trust
     different stripes; with uniform weights it is exactly ``1 - D``.
+
+    numpy arrays f and w give numpy arrays (a query's vector at search time; ``F.normalize``'s
+    formula, equal to the tensor path to float rounding).
     """
+    if isinstance(f, np.ndarray):
+        f, w = f.astype(np.float32, copy=False), np.asarray(w, dtype=np.float32)
+        u = f / np.maximum(np.sqrt((f * f).sum(-1, keepdims=True)), 1e-12)
+        x = (u * w[..., None]).reshape(len(f), -1)
+        norm = np.sqrt((w * w).sum(1))
+        x /= np.maximum(norm, _TINY)[:, None]
+        return x, norm
     w = torch.as_tensor(w).float()
     x = _scaled_rows(torch.as_tensor(f), w)
     norm = w.norm(dim=1)
     return x.div_(norm.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)), norm
 
 
-def distance_from_scores(score, qw, gw) -> torch.Tensor:
+def distance_from_scores(score, qw, gw):
     """Weighted part distance of candidate pairs from their index scores.
 
     score (Q,K) float: ``index_vectors(q) . index_vectors(g)`` for each query's K candidates;
@@ -635,12 +647,18 @@ def distance_from_scores(score, qw, gw) -> torch.Tensor:
     :func:`weighted_distance`, so an all-zero weight vector gives distance 1). Equals
     :func:`weighted_distance` for the same pairs up to float rounding (~1e-7); exact when the
     score is exact, approximate when it comes from a compressed (PQ) index.
+
+    Three float32 numpy arrays give a numpy array (a gallery index re-scores a query's
+    candidates in numpy: a handful of small operations, where torch's per-call cost would be
+    most of the work); anything else is taken as tensors.
     """
-    score = torch.as_tensor(score).float()
-    qw, gw = torch.as_tensor(qw).float(), torch.as_tensor(gw).float()
-    num = score * qw.norm(dim=1, keepdim=True) * gw.norm(dim=2)
-    den = (gw @ qw.unsqueeze(2)).squeeze(2).clamp_min_(torch.finfo(torch.float32).tiny)
-    return num.div_(den).neg_().add_(1.0)
+    if not all(isinstance(t, np.ndarray) for t in (score, qw, gw)):
+        score, qw, gw = (torch.as_tensor(t).float() for t in (score, qw, gw))
+    qn = (qw * qw).sum(-1) ** 0.5
+    gn = (gw * gw).sum(-1) ** 0.5
+    num = score * qn[:, None] * gn
+    den = (gw * qw[:, None, :]).sum(-1).clip(min=_TINY)
+    return 1.0 - num / den
 
 
 def distance_from_score_matrix(score, qw, gw) -> torch.Tensor:

@@ -76,12 +76,15 @@ DEFAULT_CANDIDATES = 100      # candidates re-scored per query (at least 10 x k)
 # lists lost a fifth of the exact top 10 for little less latency.
 DEFAULT_NPROBE = 64
 DEFAULT_EF = 128              # HNSW efSearch (at least the candidates asked for)
+DEFAULT_PASSES = 3            # candidate passes at most (1: the index's ranking alone; docs/search.md)
 HNSW_M = 32                   # graph neighbours per image
 HNSW_EF_CONSTRUCTION = 64
 TOMBSTONE_REBUILD = 0.25      # auto: rebuild an HNSW graph when this share of it is removed images
 TRAIN_PER_LIST = 40           # faiss wants >= 39 training vectors per inverted list
 MAX_TRAIN = 256 * 4096        # vectors handed to k-means at most (faiss subsamples too)
 HNSW_QUANTIZER_FROM = 1024    # lists from which the coarse quantizer is an HNSW graph
+CONES = 256                   # weight directions that bound cos(w(q), w(g)) for the later passes
+CONE_SAMPLE = 8192            # images whose weights place the cones' centres
 MILVUS_LITE_DB = "milvus.db"
 MILVUS_BATCH = 2000           # rows per insert call (gRPC messages stay well below 64 MB)
 MILVUS_MAX_TOPK = 16384
@@ -149,7 +152,7 @@ def vector_dim(parts: int, dim: int) -> int:
     return -(-(parts * dim + parts) // 32) * 32
 
 
-def stored_vectors(emb, w) -> torch.Tensor:
+def stored_vectors(emb, w):
     """emb (N,P,D), w (N,P) -> (N, vector_dim(P, D)) float32 ``[x, eps w / ||w||, 0...]`` (x:
     ``evaluate.index_vectors``, eps = TAIL): the tail is small so that it barely moves the
     inverted lists' clustering.
@@ -160,25 +163,98 @@ def stored_vectors(emb, w) -> torch.Tensor:
     top k, however differently they weigh their stripes (the second pass of
     :meth:`GalleryIndex.search`).
     """
-    w = torch.as_tensor(w).float()
+    numpy = isinstance(emb, np.ndarray)      # a query at search time (see evaluate.index_vectors)
+    w = np.asarray(w, dtype=np.float32) if numpy else torch.as_tensor(w).float()
     x, norm = evaluate.index_vectors(emb, w)
     n, p = w.shape
-    z = torch.zeros(n, vector_dim(p, x.shape[1] // max(p, 1)))
+    d = vector_dim(p, x.shape[1] // max(p, 1))
+    z = np.zeros((n, d), np.float32) if numpy else torch.zeros(n, d)
     z[:, :x.shape[1]] = x
-    z[:, x.shape[1]:x.shape[1] + p] = TAIL * w / norm.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    z[:, x.shape[1]:x.shape[1] + p] = TAIL * w / norm.clip(min=float(np.finfo(np.float32).tiny))[:, None]
     return z
 
 
-def query_vectors(emb, w, tau: torch.Tensor | None = None) -> torch.Tensor:
-    """emb (Q,P,D), w (Q,P), tau (Q,) or None (0) -> (Q, vector_dim(P, D)) float32
-    ``[x, -(tau / eps) w / ||w||, 0...]``."""
-    z = stored_vectors(emb, w)
-    p, pd = torch.as_tensor(emb).shape[1], torch.as_tensor(emb).shape[1] * torch.as_tensor(emb).shape[2]
+def query_vectors(stored: np.ndarray, parts: int, dim: int, tau: np.ndarray | None = None) -> np.ndarray:
+    """The query vectors ``[x, -(tau / eps) w / ||w||, 0...]`` from the queries' own
+    ``stored_vectors`` (Q, vector_dim) numpy (a new array; tau (Q,) or None: 0)."""
+    z = stored.copy()
+    tail = slice(parts * dim, parts * dim + parts)
     if tau is None:
-        z[:, pd:pd + p] = 0
+        z[:, tail] = 0
     else:
-        z[:, pd:pd + p] *= -torch.as_tensor(tau, dtype=torch.float32).unsqueeze(1) / TAIL ** 2
+        z[:, tail] *= -np.asarray(tau, dtype=np.float32)[:, None] / TAIL ** 2
     return z
+
+
+def _unit_rows(w: np.ndarray) -> np.ndarray:
+    """(N,P) -> (N,P) float32 rows divided by their norm (all-zero rows stay zero)."""
+    w = np.asarray(w, dtype=np.float32)
+    n = np.sqrt((w * w).sum(1, keepdims=True))
+    return np.divide(w, n, out=np.zeros_like(w), where=n > 0)
+
+
+class WeightCones:
+    """A lower bound of ``cos(w(q), w(g))`` over every image g of a gallery, for any query q.
+
+    The images' unit weight vectors are grouped into cones around ``centres`` (k-means on a
+    sample); ``cos[c]`` is the cosine of the widest member of cone c (2: empty). Angles obey
+    the triangle inequality, so every member g of cone c has
+    ``angle(w(q), w(g)) <= angle(w(q), centre_c) + arccos(cos[c])``. Images whose weights are all
+    zero are left out (their similarity is 0 to every query). Adding images widens the cones;
+    removing them leaves the bound valid (only looser).
+    """
+
+    def __init__(self, w: np.ndarray, cones: int = CONES, sample: int = CONE_SAMPLE, seed: int = 0):
+        unit = _unit_rows(w)
+        unit = unit[(unit != 0).any(1)]
+        rng = np.random.default_rng(seed)
+        pick = unit[rng.choice(len(unit), min(len(unit), sample), replace=False)] if len(unit) else unit
+        centres = pick[rng.choice(len(pick), min(len(pick), cones), replace=False)] if len(pick) else pick
+        for _ in range(10 if len(pick) else 0):  # spherical k-means, a few rounds: a bound needs no optimum
+            a = (pick @ centres.T).argmax(1)
+            sums = np.zeros_like(centres)
+            np.add.at(sums, a, pick)
+            keep = (sums != 0).any(1)
+            centres = np.where(keep[:, None], _unit_rows(sums), centres)
+        self.centres = centres
+        self.cos = np.full(len(centres), 2.0, np.float32)
+        self.add(w)
+
+    def add(self, w: np.ndarray, block: int = 65536) -> None:
+        """Widen the cones to hold the images of weights w (N,P)."""
+        if not len(self.centres):
+            return
+        for s in range(0, len(w), block):
+            unit = _unit_rows(w[s:s + block])
+            unit = unit[(unit != 0).any(1)]
+            dots = unit @ self.centres.T
+            a = dots.argmax(1)
+            np.minimum.at(self.cos, a, dots[np.arange(len(a)), a])
+
+    def lower(self, qw: np.ndarray) -> np.ndarray:
+        """qw (Q,P) -> (Q,) float32: cos(w(q), w(g)) is at least this for every image g (1 when
+        the gallery has none with a non-zero weight)."""
+        used = self.cos <= 1
+        if not used.any():
+            return np.ones(len(qw), np.float32)
+        ang = (np.arccos(np.clip(_unit_rows(qw) @ self.centres[used].T, -1, 1))
+               + np.arccos(np.clip(self.cos[used], -1, 1)))
+        return np.cos(np.minimum(ang, np.pi)).min(1).astype(np.float32)
+
+
+def unseen_bound(tau: np.ndarray, low: np.ndarray, cos_lower: np.ndarray) -> np.ndarray:
+    """The highest similarity an image a candidate pass did not return can have.
+
+    A pass with query tail tau returns the K images of highest score ``cos(w(q), w(g)) (sim - tau)``
+    (:func:`stored_vectors`); ``low`` (Q,) is the K-th of them (+inf where it returned fewer than
+    K), ``cos_lower`` (Q,) a lower bound of ``cos(w(q), w(g))`` (:class:`WeightCones`). An image
+    not returned scores at most ``low``, so its ``sim <= tau + low / cos`` (``tau + low`` when
+    ``low <= 0``, since cos <= 1). Exact for an exact index; a graph or inverted-list index may
+    miss images it would score higher, and the bound is then as approximate as the index.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(low <= 0, tau + low, np.where(cos_lower > 0, tau + low / cos_lower, np.inf))
+    return np.where(np.isnan(up), np.inf, up)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -523,16 +599,18 @@ class GalleryIndex:
 
     # ---- queries
     def search(self, emb, weights, k: int = 10, *, candidates: int | None = None, threshold: float | None = None,
-               nprobe: int | None = None, ef: int | None = None, rescore: str = "auto", passes: int = 3) -> Hits:
+               nprobe: int | None = None, ef: int | None = None, rescore: str = "auto", passes: int = DEFAULT_PASSES) -> Hits:
         """The k nearest images of each query: emb (Q,P,D), weights (Q,P) -> :class:`Hits`.
 
         Pass 1 fetches ``candidates`` (default max(DEFAULT_CANDIDATES, 10 k)) by index score and
-        re-ranks them by the exact weighted distance; later passes (up to ``passes``, adaptive
-        weights) ask again with tau = the k-th best similarity found so far (or 1 - threshold, if
-        larger), which favours the images whose similarity passes tau whatever their stripes'
-        weights (see :func:`stored_vectors`), while that k-th best still improves; the candidate
-        sets are merged. ``nprobe`` (ivf,
-        ivfpq: lists scanned) and ``ef`` (hnsw: efSearch) override the index's; ``threshold``: only distances below it are answers (none:
+        re-ranks them by the exact weighted distance. Later passes (up to ``passes``, adaptive
+        weights) ask again, for 2k candidates, with tau = the k-th best similarity found so far
+        (or 1 - threshold, if larger), which favours the images whose similarity passes tau
+        whatever their stripes' weights (see :func:`stored_vectors`); a row asks again only
+        while its k-th best improves and an image the last pass did not return could still
+        beat it (:func:`unseen_bound` with the gallery's :class:`WeightCones`); the candidate
+        sets are merged. ``nprobe`` (ivf, ivfpq: lists scanned) and ``ef`` (hnsw: efSearch)
+        override the index's; ``threshold``: only distances below it are answers (none:
         nobody). ``rescore``: "auto" (the float16 store where there is one), "store" or
         "index" (the index's score).
         """
@@ -551,70 +629,81 @@ class GalleryIndex:
         kp = max(k, candidates if candidates is not None else max(DEFAULT_CANDIDATES, 10 * k))
         use_store = {"auto": None, "store": True, "index": False}[rescore]
         effort = {"nprobe": nprobe or self.meta["nprobe"], "ef": ef or self.meta.get("ef_search", DEFAULT_EF)}
-        z = query_vectors(emb, qw)
+        own = stored_vectors(emb.float().numpy(), qw.numpy())
+        z = query_vectors(own, p, dim)
         if self.meta["kind"] == "flat" and self.meta["backend"] == "faiss":
             # exact: one scan of the stored vectors, every image's distance (no candidates)
-            ids, d, gw, names = self.engine.exact(z, qw, k, self.meta["weighting"])
-            return self._hits(ids, d, gw, names, k, threshold)
-        merged = self._pass(z, None, qw, kp, effort, use_store)
+            ids, d, gw, names = self.engine.exact(torch.from_numpy(z), qw, k, self.meta["weighting"])
+            return self._hits(ids.numpy(), d.numpy(), gw.numpy(), names, k, threshold)
+        # from here on numpy: a query's candidates are a few small arrays, and torch's per-call
+        # cost would be most of the work
+        qw = qw.numpy()
+        q = len(qw)
+        merged, low = self._pass(z, None, qw, kp, effort, use_store)
         exhaustive = self.meta["kind"] == "flat" and kp >= len(self)
-        tau_used = torch.full((len(qw),), -math.inf)
-        for _ in range(passes - 1 if self.meta["weighting"] == "adaptive" and not exhaustive and len(self) else 0):
+        tau_used = np.full(q, -np.inf, np.float32)     # tau of each row's last pass (the first: none)
+        later = passes - 1 if self.meta["weighting"] == "adaptive" and not exhaustive and len(self) else 0
+        cos_lower = self.engine.weight_cos_lower(qw) if later else None
+        for _ in range(later):
             d = merged[1]
-            kth = torch.sort(d, dim=1).values[:, min(k, d.shape[1]) - 1] if d.shape[1] else torch.full(
-                (len(d),), math.inf)
-            tau = 1 - kth
+            kth = np.sort(d, axis=1)[:, min(k, d.shape[1]) - 1] if d.shape[1] else np.full(q, np.inf)
+            tau = (1 - kth).astype(np.float32)
             if threshold is not None:
-                tau = torch.maximum(tau, torch.full_like(tau, 1 - threshold))
-            # again only where the k-th best improved since the last pass (else it finds the same)
-            rows = (torch.isfinite(tau) & (tau > tau_used + 1e-7)).nonzero(as_tuple=True)[0]
-            if not rows.numel():
+                tau = np.maximum(tau, np.float32(1 - threshold))
+            # again only where an image the last pass did not return could still beat the k-th
+            # best (unseen_bound), and where that k-th best improved (else it finds the same)
+            with np.errstate(invalid="ignore"):
+                could = unseen_bound(np.where(np.isfinite(tau_used), tau_used, 0), low, cos_lower) > tau
+                again = np.isfinite(tau) & (tau > tau_used + 1e-7) & could
+            rows = np.flatnonzero(again)
+            if not rows.size:
                 break
             tau_used[rows] = tau[rows]
-            sub = self._pass(query_vectors(emb[rows], qw[rows], tau[rows]), tau[rows], qw[rows], kp, effort,
-                             use_store)
-            merged = _merge([merged, _scatter_rows(sub, rows, len(qw))])
+            # at most k - 1 known images score above 0 here (sim > tau): 2k candidates leave room
+            # for k new ones, and where more come the k-th best improves and the next pass asks again
+            sub, sub_low = self._pass(query_vectors(own[rows], p, dim, tau[rows]), tau[rows], qw[rows], min(kp, 2 * k),
+                                      effort, use_store)
+            low[rows] = sub_low
+            merged = _merge([merged, _scatter_rows(sub, rows, q)])
         return self._hits(*merged, k, threshold)
 
     @staticmethod
     def _hits(ids, d, gw, names, k: int, threshold) -> Hits:
-        """The k best of each row of candidates (ids (Q,K) tensor, d (Q,K), gw (Q,K,P), names)."""
-        # ties: the lower id first (sort by id, then a stable sort by distance)
-        big = torch.iinfo(torch.int64).max
-        by_id = torch.sort(torch.where(ids >= 0, ids, big), dim=1, stable=True).indices
-        order = by_id.gather(1, torch.sort(d.gather(1, by_id), dim=1, stable=True).indices)[:, :k]
-        o = order.numpy()
-        rows = np.arange(o.shape[0])[:, None]
-        return Hits(ids.numpy()[rows, o], d.gather(1, order).numpy(),
-                    [[names[i][j] for j in r] for i, r in enumerate(o)], gw.numpy()[rows, o], threshold)
+        """The k best of each row of candidates (ids (Q,K) int64, d (Q,K), gw (Q,K,P) arrays, names)."""
+        # ties: the lower id first (pads, id -1, are at +inf and go last)
+        order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), d), axis=1)[:, :k]
+        rows = np.arange(order.shape[0])[:, None]
+        return Hits(ids[rows, order], d[rows, order].astype(np.float32),
+                    [[names[i][j] for j in r] for i, r in enumerate(order.tolist())], gw[rows, order], threshold)
 
-    def _pass(self, z: torch.Tensor, tau, qw: torch.Tensor, kp: int, effort: dict, use_store):
-        """One candidate search: (ids (Q,K) int64 tensor, exact distances (Q,K), weights (Q,K,P), names)."""
-        scores, ids, gw, names, xg = self.engine.search(np.ascontiguousarray(z.numpy()), kp, effort, use_store)
-        gw_t = torch.from_numpy(gw)
-        used = evaluate.weights_for(self.meta["weighting"], gw_t, gw_t)[0]
+    def _pass(self, z: np.ndarray, tau, qw: np.ndarray, kp: int, effort: dict, use_store):
+        """One candidate search of query vectors z (Q,d) (tail tau (Q,) or None), weights qw (Q,P):
+        ((ids (Q,K) int64, exact distances (Q,K), weights (Q,K,P), names), low (Q,): the K-th
+        index score, +inf where fewer than K came back)."""
+        scores, ids, gw, names, xg = self.engine.search(z, kp, effort, use_store)
+        q, got = ids.shape
+        low = scores[:, -1].copy() if got == kp and got else np.full(q, np.inf, np.float32)
+        low[(ids < 0).any(1)] = np.inf
+        used = gw if self.meta["weighting"] == "adaptive" else np.ones_like(gw)
         pd = self.meta["parts"] * self.meta["embed_dim"]
         if xg is not None:       # the numerator from the stored full vectors
-            scores = torch.einsum("qd,qkd->qk", z[:, :pd], torch.from_numpy(xg[..., :pd]).float())
-        else:
-            scores = torch.from_numpy(scores)
-            if tau is not None:  # the index scored [x, -tau w_hat]: add tau cos(w(q), w(g)) back
-                # stored tail: TAIL * w_hat(g); query tail: -(tau / TAIL) w_hat(q)
-                p = self.meta["parts"]
-                tail = (used @ z[:, pd:pd + p].unsqueeze(2)).squeeze(2) * TAIL / used.norm(dim=2).clamp_min(1e-30)
-                scores = scores - tail
-        d = evaluate.distance_from_scores(scores, qw, used)
-        ids_t = torch.from_numpy(ids)
-        return ids_t, torch.where(ids_t >= 0, d, math.inf), gw_t, names
+            scores = np.einsum("qd,qkd->qk", z[:, :pd], xg[..., :pd].astype(np.float32))
+        elif tau is not None:    # the index scored [x, -tau w_hat]: add tau cos(w(q), w(g)) back
+            # stored tail: TAIL * w_hat(g); query tail: -(tau / TAIL) w_hat(q)
+            p = self.meta["parts"]
+            gn = np.sqrt((used * used).sum(2)).clip(min=1e-30)
+            scores = scores - np.einsum("qkp,qp->qk", used, z[:, pd:pd + p]) * TAIL / gn
+        d = evaluate.distance_from_scores(np.ascontiguousarray(scores, dtype=np.float32), qw, used)
+        return (ids, np.where(ids >= 0, d, np.inf).astype(np.float32), gw, names), low
 
 
-def _scatter_rows(found: tuple, rows: torch.Tensor, q: int) -> tuple:
+def _scatter_rows(found: tuple, rows: np.ndarray, q: int) -> tuple:
     """A pass over some query rows, padded out to all q rows (id -1, distance inf)."""
     ids, d, gw, names = found
     k = ids.shape[1]
-    all_ids = torch.full((q, k), -1, dtype=torch.long)
-    all_d = torch.full((q, k), math.inf)
-    all_gw = torch.zeros((q, k, gw.shape[2]))
+    all_ids = np.full((q, k), -1, np.int64)
+    all_d = np.full((q, k), np.inf, np.float32)
+    all_gw = np.zeros((q, k, gw.shape[2]), np.float32)
     all_names = [[""] * k for _ in range(q)]
     all_ids[rows], all_d[rows], all_gw[rows] = ids, d, gw
     for j, r in enumerate(rows.tolist()):
@@ -626,15 +715,17 @@ def _merge(found: list) -> tuple:
     """The candidates of both passes side by side, each image once (its first occurrence)."""
     if len(found) == 1:
         return found[0]
-    ids = torch.cat([f[0] for f in found], 1)
-    d = torch.cat([f[1] for f in found], 1)
-    gw = torch.cat([f[2] for f in found], 1)
+    ids = np.concatenate([f[0] for f in found], 1)
+    d = np.concatenate([f[1] for f in found], 1)
+    gw = np.concatenate([f[2] for f in found], 1)
     names = [sum((f[3][i] for f in found), []) for i in range(ids.shape[0])]
-    order = torch.sort(ids, dim=1, stable=True)
-    dup = torch.zeros_like(ids, dtype=torch.bool)
-    dup[:, 1:] = (order.values[:, 1:] == order.values[:, :-1]) & (order.values[:, 1:] >= 0)
-    drop = torch.zeros_like(dup).scatter_(1, order.indices, dup)
-    return ids.masked_fill(drop, -1), d.masked_fill(drop, math.inf), gw, names
+    order = np.argsort(ids, axis=1, kind="stable")
+    sorted_ids = np.take_along_axis(ids, order, 1)
+    dup = np.zeros_like(ids, dtype=bool)
+    dup[:, 1:] = (sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)
+    drop = np.zeros_like(dup)
+    np.put_along_axis(drop, order, dup, 1)
+    return np.where(drop, -1, ids), np.where(drop, np.inf, d).astype(np.float32), gw, names
 
 
 # --------------------------------------------------------------------------- folder helpers
@@ -762,6 +853,7 @@ class _FaissEngine:
         self._by_name = None
         self._store_rows = int(meta.get("store_rows", 0))
         self._mm = None
+        self._cones = None                      # WeightCones of the rows, built by the first search needing it
         if write and meta.get("store"):
             # rows appended after the last commit were never committed: drop them
             path = folder / STORE
@@ -867,6 +959,8 @@ class _FaissEngine:
         self.pos = np.concatenate([self.pos, pos])
         self.names.extend(names)
         self._by_name = None
+        if self._cones is not None:
+            self._cones.add(w)
         if self._ready():
             self.index.add_with_ids(x, ids)
         else:
@@ -897,6 +991,20 @@ class _FaissEngine:
         return gone
 
     # ---- queries
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id (ids ascend; a row in range for -1 or a removed id, which the caller checks)."""
+        first, n = int(self.ids[0]), len(self.ids)
+        if int(self.ids[-1]) - first == n - 1:     # nothing removed: the row is the id's offset
+            return np.clip(ids - first, 0, n - 1)
+        return np.minimum(np.searchsorted(self.ids, np.where(ids >= 0, ids, 0)), n - 1)
+
+    def weight_cos_lower(self, qw: np.ndarray) -> np.ndarray:
+        """(Q,) a lower bound of cos(w(q), w(g)) over the images (WeightCones; removed images
+        only loosen it)."""
+        if self._cones is None:
+            self._cones = WeightCones(self.weights)
+        return self._cones.lower(qw)
+
     def _store(self) -> np.ndarray:
         if self._mm is None or len(self._mm) < self._store_rows:
             self._mm = np.memmap(self.folder / STORE, dtype=np.float16, mode="r", shape=(self._store_rows, self.d))
@@ -957,7 +1065,7 @@ class _FaissEngine:
                 keep_alive = [batch, params.sel]      # the selectors must outlive the search
         scores, ids = self.index.search(xq, k, params=params)
         del keep_alive
-        rows = np.minimum(np.searchsorted(self.ids, np.where(ids >= 0, ids, 0)), len(self.ids) - 1)
+        rows = self._rows_of(ids)
         valid = (ids >= 0) & (self.ids[rows] == ids)
         ids = np.where(valid, ids, -1)
         gw = np.where(valid[..., None], self.weights[rows], 0).astype(np.float32)
@@ -1192,6 +1300,10 @@ class _MilvusEngine:
                 gw[i, j] = h["entity"]["w"]
                 names[i][j] = h["entity"]["name"]
         return scores, ids, gw, names, None
+
+    def weight_cos_lower(self, qw: np.ndarray) -> np.ndarray:
+        """No bound (the weights live on the server): 0, so every later pass runs."""
+        return np.zeros(len(qw), np.float32)
 
     def meta_update(self) -> dict:
         return {}

@@ -349,11 +349,13 @@ def index_folder(ext: Extractor, folder: str | os.PathLike, index_dir: str | os.
 
 def search_index(ext: Extractor, query: str | os.PathLike, index_dir: str | os.PathLike, *, topk: int = 10,
                  threshold: float | None = None, candidates: int | None = None, nprobe: int | None = None,
-                 ef: int | None = None, weighting: str | None = None, log: Callable[[str], None] = print) -> dict:
+                 ef: int | None = None, passes: int = gallery_index.DEFAULT_PASSES, weighting: str | None = None,
+                 log: Callable[[str], None] = print) -> dict:
     """The ``topk`` nearest images of the image ``query`` in the index in ``index_dir``.
 
     The query file itself, when the index holds it, is left out (as in :func:`search`). With
     ``threshold`` only distances below it are answers; none means nobody in the gallery.
+    ``candidates``, ``nprobe``, ``ef``, ``passes``: as :meth:`gallery_index.GalleryIndex.search`.
     Returns {"hits": gallery_index.Hits (1 row), "query": str, "query_emb" (1,P,D),
     "query_weights" (1,P), "index": the GalleryIndex (closed), "description": what it holds,
     "self": [names left out]}.
@@ -371,7 +373,8 @@ def search_index(ext: Extractor, query: str | os.PathLike, index_dir: str | os.P
             qf, qw = ext([query])
         except UserError as exc:
             raise UserError(f"--query {query}: not an image ({exc})") from None
-        hits = idx.search(qf, qw, topk + 1, candidates=candidates, nprobe=nprobe, ef=ef, threshold=threshold)
+        hits = idx.search(qf, qw, topk + 1, candidates=candidates, nprobe=nprobe, ef=ef, passes=passes,
+                          threshold=threshold)
         description = idx.describe()
     finally:
         idx.close()

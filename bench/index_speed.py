@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import datasets  # noqa: E402
 import evaluate  # noqa: E402
 import gallery_index  # noqa: E402
 from utils import UserError, atomic_write_text, cli, progress  # noqa: E402
@@ -240,16 +241,26 @@ def recall(found: np.ndarray, truth: torch.Tensor) -> np.ndarray:
     return np.array([len(set(a.tolist()) & set(b.tolist())) / t.shape[1] for a, b in zip(found, t)])
 
 
-def _load_real(path: Path, n_queries: int):
+def _load_real(path: Path, n_queries: int, partial_only: bool = False):
     """(query emb, weights, gallery emb, weights, gallery pids) of a features.pt: junk dropped,
-    ``n_queries`` queries evenly spaced."""
+    ``n_queries`` queries evenly spaced; ``partial_only``: of the queries a ``prepare.py
+    --partial`` benchmark cut (its partial.json, beside the features' images), only those."""
     if not path.is_file():
         raise UserError(f"--features {path}: no such file; test.py writes RUN/features.pt")
     feats = torch.load(path, map_location="cpu", weights_only=True)
     try:
         q, g = feats["query"], feats["gallery"]
         keep = g["pids"] != -1
-        pick = torch.linspace(0, len(q["emb"]) - 1, min(n_queries, len(q["emb"]))).round().long()
+        cand = torch.arange(len(q["emb"]))
+        if partial_only:
+            truth = datasets.partial_truth(feats["data_root"])
+            if truth is None:
+                raise UserError(f"--partial_only: {feats['data_root']} (the images of --features {path}) holds no "
+                                f"{datasets.PARTIAL_FILE}; run test.py --data_dir on a prepare.py --partial folder")
+            cand = torch.tensor([i for i, p in enumerate(q["paths"]) if datasets.partial_view(truth, p)], dtype=torch.long)
+            if not len(cand):
+                raise UserError(f"--partial_only: no query of --features {path} is a partial view")
+        pick = cand[torch.linspace(0, len(cand) - 1, min(n_queries, len(cand))).round().long()]
         return (q["emb"][pick].float(), q["weights"][pick].float(), g["emb"][keep].float(),
                 g["weights"][keep].float(), g["pids"][keep])
     except (KeyError, TypeError):
@@ -321,8 +332,8 @@ def run_one(n: int, kind: str, args, gen: Synthetic, qf, qw, real_q: int, real_g
                [(None, e) for e in args.ef] if kind_now == "hnsw" else [(None, None)])
     rescores = ["store", "index"] if store else ["auto"]
     for (nprobe, ef), rescore in ((e, r) for e in efforts for r in rescores):
-        for _ in (0,):
-            kw = dict(nprobe=nprobe, ef=ef, rescore=rescore, candidates=args.candidates, passes=args.passes)
+        for passes in args.passes:
+            kw = dict(nprobe=nprobe, ef=ef, rescore=rescore, candidates=args.candidates, passes=passes)
             lat = []
             for i in range(len(qf)):
                 t0 = time.perf_counter()
@@ -337,7 +348,7 @@ def run_one(n: int, kind: str, args, gen: Synthetic, qf, qw, real_q: int, real_g
             r = recall(ids, exact.best_i)
             syn = r[:len(qf) - real_q]
             row = {"backend": backend, "synthetic": gen.kind, "kind": idx.meta["kind"], "n": n, "nlist": idx.meta["nlist"],
-                   "nprobe": nprobe, "ef": ef, "passes": args.passes, "pq_m": idx.meta["pq_m"] if idx.meta["kind"] == "ivfpq" else None,
+                   "nprobe": nprobe, "ef": ef, "passes": passes, "pq_m": idx.meta["pq_m"] if idx.meta["kind"] == "ivfpq" else None,
                    "rescore": (("float16 store" if rescore == "store" else "PQ score") if store else
                                "exact scan" if kind_now == "flat" and backend == "faiss" else "index score"),
                    "candidates": args.candidates or gallery_index.DEFAULT_CANDIDATES,
@@ -359,7 +370,7 @@ def run_one(n: int, kind: str, args, gen: Synthetic, qf, qw, real_q: int, real_g
 
 
 COLUMNS = [("backend", "backend", "{}"), ("synthetic", "synthetic", "{}"), ("kind", "kind", "{}"), ("n", "images", "{:,}"), ("nlist", "lists", "{}"),
-           ("nprobe", "nprobe", "{}"), ("ef", "ef", "{}"), ("rescore", "re-score", "{}"), ("recall10", "recall@10", "{:.4f}"),
+           ("nprobe", "nprobe", "{}"), ("ef", "ef", "{}"), ("passes", "passes", "{}"), ("rescore", "re-score", "{}"), ("recall10", "recall@10", "{:.4f}"),
            ("recall10_real", "recall@10 real", "{:.4f}"), ("batch1_ms", "batch-1 ms", "{:.2f}"),
            ("exact_batch1_ms", "exact batch-1 ms", "{:.1f}"), ("ratio_batch1", "ratio", "{:.0f}x"),
            ("batched_ms_per_query", "batched ms/q", "{:.3f}"), ("exact_batched_ms_per_query", "exact batched ms/q",
@@ -394,7 +405,7 @@ def run(args: argparse.Namespace, log=print) -> list[dict]:
     parts, dim = args.parts, args.dim
     real = None
     if args.features:
-        real = _load_real(Path(args.features), args.real_queries)
+        real = _load_real(Path(args.features), args.real_queries, args.partial_only)
         parts, dim = int(real[0].shape[1]), int(real[0].shape[2])
         log(f"real features {args.features}: {len(real[0])} queries, {len(real[2])} gallery, P={parts}, D={dim}")
     if args.synthetic == "fitted":
@@ -447,13 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--milvus", action="store_true", help="the Milvus backend (Milvus Lite in --workdir) instead of faiss")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64], help="inverted lists scanned (ivf, ivfpq)")
     ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="HNSW efSearch (hnsw)")
-    ap.add_argument("--passes", type=int, default=3, help="candidate passes at most (GalleryIndex.search)")
+    ap.add_argument("--passes", type=int, nargs="+", default=[3], help="candidate passes at most (GalleryIndex.search)")
     ap.add_argument("--candidates", type=int, default=None, help="candidates re-scored per query (default: the index's)")
     ap.add_argument("--store", default=None, choices=["float16"], help="ivfpq: keep float16 vectors on disk to re-score")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--exact_single", type=int, default=5, help="queries timed one by one against the exact gallery")
     ap.add_argument("--features", default=None, help="a run's features.pt (test.py): its gallery and queries mixed in")
     ap.add_argument("--real_queries", type=int, default=200, help="queries taken from --features")
+    ap.add_argument("--partial_only", action="store_true",
+                    help="real queries only from those a prepare.py --partial benchmark cut (--features of test.py "
+                         "--data_dir on such a folder): queries whose weights are far from the gallery's")
     ap.add_argument("--synthetic", default="generic", choices=["generic", "fitted"],
                     help="generic: the built-in feature model; fitted: fitted to --features' gallery "
                          "(its mean, identity and within-identity directions, weights)")

@@ -385,6 +385,11 @@ def test_index_scores_give_the_weighted_distance():
     u = torch.full((5, 4), 0.25), torch.full((30, 4), 0.25)
     xu, yu = E.index_vectors(qf, u[0])[0], E.index_vectors(gf, u[1])[0]
     assert torch.allclose(1 - xu @ yu.T, E.weighted_distance(qf, u[0], gf, u[1]), atol=1e-6)
+    # numpy in, numpy out (a gallery index's per-query path): the same numbers
+    xn, nxn = E.index_vectors(qf.numpy(), qw.numpy())
+    assert isinstance(xn, np.ndarray) and np.allclose(xn, x.numpy(), atol=1e-7) and np.allclose(nxn, nx.numpy())
+    dn = E.distance_from_scores((x @ y.T).numpy(), qw.numpy(), gw.unsqueeze(0).expand(5, -1, -1).numpy())
+    assert isinstance(dn, np.ndarray) and np.allclose(dn, d.numpy(), atol=1e-7)
 
 
 def _open_set_case():

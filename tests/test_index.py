@@ -101,6 +101,60 @@ def test_second_pass_recovers_what_the_weight_mismatch_hides(tmp_path):
     assert (more.ids == ref).all()
 
 
+def test_weight_cones_bound_every_images_weight_cosine_from_below():
+    """WeightCones.lower is at most the smallest cos(w(q), w(g)) of the gallery for every query,
+    also after images of other weights join, and not far below it."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.softmax(0.5 * torch.randn(2000, 6, generator=g), 1).numpy()
+    q = torch.softmax(torch.randn(300, 6, generator=g), 1).numpy()
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    exact_min = (unit(q) @ unit(w).T).min(1)
+    one = exact_min - gi.WeightCones(w, cones=1).lower(q)
+    cones = gi.WeightCones(w, cones=32)
+    gap = exact_min - cones.lower(q)
+    assert (gap >= -1e-6).all() and (one >= -1e-6).all()
+    assert gap.mean() < 0.12 < one.mean()              # more cones, a tighter bound (measured: 0.09, 0.26)
+    odd = np.zeros((3, 6), np.float32)
+    odd[:, 0] = 1                                     # one stripe only: far from every cone
+    cones.add(odd)
+    both = np.concatenate([w, odd])
+    assert (cones.lower(q) <= (unit(q) @ unit(both).T).min(1) + 1e-6).all()
+    assert (gi.WeightCones(np.zeros((4, 6), np.float32)).lower(q) == 1).all()   # no weighted image: nothing to bound
+
+
+def test_unseen_bound_is_the_best_similarity_a_pass_can_have_missed():
+    tau, low, cos = np.array([0.0, 0.0, 0.5, 0.5]), np.array([0.4, -0.2, 0.1, np.inf]), np.array([0.8, 0.8, 0.5, 0.9])
+    assert np.allclose(gi.unseen_bound(tau, low, cos), [0.5, -0.2, 0.7, np.inf])
+    assert gi.unseen_bound(np.zeros(1), np.array([0.3]), np.zeros(1))[0] == np.inf      # no bound on the weights
+
+
+def test_later_passes_run_only_where_an_unseen_image_could_still_win(data, tmp_path, monkeypatch):
+    """Every image weighing its stripes alike (not uniformly): the score is the similarity, nothing
+    the first pass left out can beat its 10th best, so one pass; the weight mismatch of the
+    second-pass test needs more."""
+    qf, _, gf, _ = data
+    same = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    qw, gw = same.expand(len(qf), -1).clone(), same.expand(len(gf), -1).clone()
+    ref, _ = exact(qf, qw, gf, gw)
+
+    def counted(idx):
+        calls, real = [], idx.engine.search
+        monkeypatch.setattr(idx.engine, "search", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
+        return calls
+
+    with build(tmp_path / "same", gf, gw, kind="hnsw") as idx:
+        calls = counted(idx)
+        hits = idx.search(qf, qw, 10, candidates=50, ef=len(gf))
+    assert calls == [len(qf)] and (hits.ids == ref).all()
+    emb, w, _ = features(40, 10, seed=7, occluded=0.0)
+    w = w.clone()
+    w[1:10] = torch.tensor([0.05, 0.05, 0.05, 0.85])
+    with build(tmp_path / "mismatch", emb[1:], w[1:], kind="hnsw") as idx:
+        calls = counted(idx)
+        idx.search(emb[:1], torch.tensor([[0.97, 0.01, 0.01, 0.01]]), 10, candidates=20, ef=len(emb))
+    assert len(calls) >= 2
+
+
 def test_ivf_and_hnsw_rank_exactly_when_searched_exhaustively(data, tmp_path):
     qf, qw, gf, gw = data
     ref, ref_d = exact(qf, qw, gf, gw)
@@ -378,6 +432,8 @@ def test_calibrate_then_search_an_index_with_demo(run, synthetic_dir, tmp_path, 
     from_folder = _ranked(capsys.readouterr().out)
     assert [p for _, p in from_index] == [p for _, p in from_folder] and len(from_index) == 5
     assert np.allclose([d for d, _ in from_index], [d for d, _ in from_folder], atol=2e-4)
+    assert demo.main(args + ["--index", str(idx), "--passes", "0"]) == 2
+    assert "--passes 0: must be at least 1" in capsys.readouterr().err
 
     # open set: the run's threshold by default; a threshold below every distance: nobody
     assert demo.main(demo_base + ["--query", str(query), "--index", str(idx)]) == 0
@@ -465,3 +521,25 @@ def test_int8_features_do_not_mix_with_fp32_ones(tmp_path):
     assert GI.identity_differs(fp32, int8) == ["precision"]
     assert GI.identity_differs(fp32, GI.run_identity_of(tmp_path, "last", **kw)) == []
     assert GI.describe_identity(int8).endswith(", int8)") and not GI.describe_identity(fp32).endswith("int8)")
+
+
+def test_index_speed_partial_only_keeps_the_queries_the_benchmark_cut(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import index_speed
+
+    root = tmp_path / "bench"
+    root.mkdir()
+    names = [f"query/000{i}_c1s1_000001_00.jpg" for i in range(4)]
+    cut = {names[1]: {"kind": "top", "box": [0, 0, 0.6, 1]}, names[3]: {"kind": "side", "box": [0, 0.2, 1, 0.8]}}
+    (root / "partial.json").write_text(json.dumps({"images": {n: cut.get(n) for n in names}}))
+    emb = torch.arange(4.0)[:, None, None].expand(4, 2, 3).clone()
+    part = {"emb": emb, "weights": torch.full((4, 2), 0.5), "pids": torch.arange(4), "cams": torch.ones(4),
+            "paths": [str(root / n) for n in names]}
+    feats = tmp_path / "features.pt"
+    torch.save({"data_root": str(root), "query": part, "gallery": part}, feats)
+    q = index_speed._load_real(feats, 10, partial_only=True)[0]
+    assert q[:, 0, 0].tolist() == [1.0, 3.0]                           # the cut queries, in order
+    assert index_speed._load_real(feats, 10)[0].shape[0] == 4
+    (root / "partial.json").unlink()
+    with pytest.raises(UserError, match="holds no partial.json"):
+        index_speed._load_real(feats, 10, partial_only=True)
