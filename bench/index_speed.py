@@ -332,8 +332,8 @@ def run_one(n: int, kind: str, args, gen: Synthetic, qf, qw, real_q: int, real_g
                [(None, e) for e in args.ef] if kind_now == "hnsw" else [(None, None)])
     rescores = ["store", "index"] if store else ["auto"]
     for (nprobe, ef), rescore in ((e, r) for e in efforts for r in rescores):
-        for passes in args.passes:
-            kw = dict(nprobe=nprobe, ef=ef, rescore=rescore, candidates=args.candidates, passes=passes)
+        for cand, passes in ((c, n) for c in args.candidates for n in args.passes):
+            kw = dict(nprobe=nprobe, ef=ef, rescore=rescore, candidates=cand, passes=passes)
             lat = []
             for i in range(len(qf)):
                 t0 = time.perf_counter()
@@ -351,7 +351,7 @@ def run_one(n: int, kind: str, args, gen: Synthetic, qf, qw, real_q: int, real_g
                    "nprobe": nprobe, "ef": ef, "passes": passes, "pq_m": idx.meta["pq_m"] if idx.meta["kind"] == "ivfpq" else None,
                    "rescore": (("float16 store" if rescore == "store" else "PQ score") if store else
                                "exact scan" if kind_now == "flat" and backend == "faiss" else "index score"),
-                   "candidates": args.candidates or gallery_index.DEFAULT_CANDIDATES,
+                   "candidates": cand or gallery_index.DEFAULT_CANDIDATES,
                    "recall10": float(syn.mean()) if len(syn) else math.nan,
                    "recall10_real": float(r[len(qf) - real_q:].mean()) if real_q else None,
                    "batch1_ms": statistics.median(lat) * 1e3, "batch1_p90_ms": float(np.percentile(lat, 90)) * 1e3,
@@ -370,7 +370,7 @@ def run_one(n: int, kind: str, args, gen: Synthetic, qf, qw, real_q: int, real_g
 
 
 COLUMNS = [("backend", "backend", "{}"), ("synthetic", "synthetic", "{}"), ("kind", "kind", "{}"), ("n", "images", "{:,}"), ("nlist", "lists", "{}"),
-           ("nprobe", "nprobe", "{}"), ("ef", "ef", "{}"), ("passes", "passes", "{}"), ("rescore", "re-score", "{}"), ("recall10", "recall@10", "{:.4f}"),
+           ("nprobe", "nprobe", "{}"), ("ef", "ef", "{}"), ("passes", "passes", "{}"), ("candidates", "candidates", "{}"), ("rescore", "re-score", "{}"), ("recall10", "recall@10", "{:.4f}"),
            ("recall10_real", "recall@10 real", "{:.4f}"), ("batch1_ms", "batch-1 ms", "{:.2f}"),
            ("exact_batch1_ms", "exact batch-1 ms", "{:.1f}"), ("ratio_batch1", "ratio", "{:.0f}x"),
            ("batched_ms_per_query", "batched ms/q", "{:.3f}"), ("exact_batched_ms_per_query", "exact batched ms/q",
@@ -459,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64], help="inverted lists scanned (ivf, ivfpq)")
     ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="HNSW efSearch (hnsw)")
     ap.add_argument("--passes", type=int, nargs="+", default=[3], help="candidate passes at most (GalleryIndex.search)")
-    ap.add_argument("--candidates", type=int, default=None, help="candidates re-scored per query (default: the index's)")
+    ap.add_argument("--candidates", type=int, nargs="+", default=[None],
+                    help="candidates of the first pass, re-scored per query (default: the index's)")
     ap.add_argument("--store", default=None, choices=["float16"], help="ivfpq: keep float16 vectors on disk to re-score")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--exact_single", type=int, default=5, help="queries timed one by one against the exact gallery")
