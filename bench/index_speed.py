@@ -251,16 +251,16 @@ def _load_real(path: Path, n_queries: int, partial_only: bool = False):
     try:
         q, g = feats["query"], feats["gallery"]
         keep = g["pids"] != -1
-        cand = torch.arange(len(q["emb"]))
+        pool = torch.arange(len(q["emb"]))
         if partial_only:
             truth = datasets.partial_truth(feats["data_root"])
             if truth is None:
                 raise UserError(f"--partial_only: {feats['data_root']} (the images of --features {path}) holds no "
                                 f"{datasets.PARTIAL_FILE}; run test.py --data_dir on a prepare.py --partial folder")
-            cand = torch.tensor([i for i, p in enumerate(q["paths"]) if datasets.partial_view(truth, p)], dtype=torch.long)
-            if not len(cand):
+            pool = torch.tensor([i for i, p in enumerate(q["paths"]) if datasets.partial_view(truth, p)], dtype=torch.long)
+            if not len(pool):
                 raise UserError(f"--partial_only: no query of --features {path} is a partial view")
-        pick = cand[torch.linspace(0, len(cand) - 1, min(n_queries, len(cand))).round().long()]
+        pick = pool[torch.linspace(0, len(pool) - 1, min(n_queries, len(pool))).round().long()]
         return (q["emb"][pick].float(), q["weights"][pick].float(), g["emb"][keep].float(),
                 g["weights"][keep].float(), g["pids"][keep])
     except (KeyError, TypeError):
