@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,36 +58,57 @@ def _line(split: str, run: str, row: dict) -> str:
             f"{row['outside_view']:.3f}")
 
 
-def run(args) -> dict:
-    if any(p <= 0 for p in args.powers):
-        raise UserError(f"--powers {args.powers}: every power must be above 0")
-    runs = [Path(r).expanduser() for r in args.runs]
+def finished_runs(paths: list[str]) -> list[Path]:
+    runs = [Path(r).expanduser() for r in paths]
     for r in runs:
         if not (r / "last.pt").is_file():
             raise UserError(f"--runs {r}: no last.pt there; pass a finished run folder")
-    val_truth = datasets.partial_truth(args.val_partial)
+    return runs
+
+
+def validate_then_test(args, options: list, baseline, measure_run: Callable, line: Callable,
+                       prefer: Callable = lambda option: 0) -> dict:
+    """The protocol of the test-time choices (this script, region_mass.py). ``measure_run(run,
+    data_dir, truth, options)`` -> {option: row} (rows as :func:`measure` returns them, each
+    naming its option). Every run is measured on ``args.val_partial``; the option with the
+    best mean mAP over all queries is chosen (ties: ``baseline``, then ``prefer``); with
+    ``args.partial`` the test benchmark is measured at ``baseline`` and the chosen option
+    only. The record (rows as lists, in ``options`` order) goes to ``args.json``."""
+    runs = finished_runs(args.runs)
     rec = {"runs": [str(r) for r in runs], "val_partial": args.val_partial, "val": {}}
+    val_truth, val = datasets.partial_truth(args.val_partial), {}
     for r in runs:
-        f = accuracy._test_features(r.name, r.parent, args.workers, args.val_partial)
-        rec["val"][r.name] = [measure(f, val_truth, p) for p in args.powers]
-        for row in rec["val"][r.name]:
-            print(_line("val", r.name, row))
-    mean_all = {p: statistics.mean(rec["val"][r.name][i]["all_mAP"] for r in runs) for i, p in enumerate(args.powers)}
-    chosen = max(args.powers, key=lambda p: (mean_all[p], -abs(p - 1)))
+        val[r.name] = measure_run(r, args.val_partial, val_truth, options)
+        rec["val"][r.name] = list(val[r.name].values())
+        for option, row in val[r.name].items():
+            print(line("val", r.name, option, row))
+    mean_all = {o: statistics.mean(val[r.name][o]["all_mAP"] for r in runs) for o in options}
+    chosen = max(options, key=lambda o: (mean_all[o], o == baseline, prefer(o)))
     rec["chosen"] = chosen
-    print(f"chosen on validation (mean mAP of all queries): power {chosen:g}")
+    print(f"chosen on validation (mean mAP of all queries): {chosen}")
     if args.partial:
         truth = datasets.partial_truth(args.partial)
         rec["partial"], rec["test"] = args.partial, {}
         for r in runs:
-            f = accuracy._test_features(r.name, r.parent, args.workers, args.partial)
-            rec["test"][r.name] = [measure(f, truth, p) for p in dict.fromkeys([1.0, chosen])]
-            for row in rec["test"][r.name]:
-                print(_line("test", r.name, row))
+            rows = measure_run(r, args.partial, truth, list(dict.fromkeys([baseline, chosen])))
+            rec["test"][r.name] = list(rows.values())
+            for option, row in rows.items():
+                print(line("test", r.name, option, row))
     if args.json:
         atomic_write_text(args.json, json.dumps(rec, indent=1) + "\n")
         print(f"wrote {args.json}")
     return rec
+
+
+def run(args) -> dict:
+    if any(p <= 0 for p in args.powers):
+        raise UserError(f"--powers {args.powers}: every power must be above 0")
+
+    def measure_run(r: Path, data_dir: str, truth: dict, powers: list) -> dict:
+        f = accuracy._test_features(r.name, r.parent, args.workers, data_dir)
+        return {p: measure(f, truth, p) for p in powers}
+    return validate_then_test(args, args.powers, 1.0, measure_run,
+                              lambda split, run, p, row: _line(split, run, row), prefer=lambda p: -abs(p - 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
