@@ -344,7 +344,10 @@ def main(argv=None) -> int:
     try:
         with _signals_interrupt():
             return _run(args)
-    except KeyboardInterrupt as exc:
+    except BaseException as caught:
+        exc = utils.interrupt_of(caught)
+        if exc is None:
+            raise
         signum = getattr(exc, "signum", signal.SIGINT)
         by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         if out is None:

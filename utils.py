@@ -59,6 +59,21 @@ def cli(main: Callable[..., Any]) -> Callable[..., int]:
     return wrapper
 
 
+def interrupt_of(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C behind ``exc``: ``exc`` itself, or a KeyboardInterrupt it was raised from. A
+    Ctrl-C that lands while a C extension initialises (matplotlib's, on its first import)
+    reaches Python as ``ImportError: initialization failed`` whose ``__cause__`` is the
+    KeyboardInterrupt. Only causes count, not ``__context__``: an error raised while an
+    interrupt was being handled (a disk full while saving) is a real error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return None
+
+
 def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", show: bool | None = None):
     """A tqdm progress bar with the settings every tool shares: ``show=None`` shows it on a
     terminal only (logs and CI get the tools' summary lines instead), True/False force it; it

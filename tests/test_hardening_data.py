@@ -312,6 +312,22 @@ def test_interrupt_leaves_nothing_and_is_one_line(tmp_path, signame):
     assert digest(out) == before and not (tmp_path / "new").exists() and no_leftovers(tmp_path)
 
 
+def test_ctrl_c_that_surfaces_as_an_import_error_is_an_interrupt(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while a C extension initialises reaches Python as ImportError caused by it."""
+    real, calls = prepare.draw_person, []
+
+    def draw_then_import_cut(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ImportError("initialization failed") from KeyboardInterrupt()
+        return real(*a, **k)
+
+    monkeypatch.setattr(prepare, "draw_person", draw_then_import_cut)
+    assert prepare.main(["--synthetic", str(tmp_path / "new"), "--ids", "4"]) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == f"interrupted: nothing written to {tmp_path / 'new'}\n"
+    assert not (tmp_path / "new").exists() and no_leftovers(tmp_path)
+
+
 # --------------------------------------------------------------------------- 22: huge images, odd names
 def test_decompression_bomb_warning_becomes_one_line_naming_the_file(tmp_path, monkeypatch, recwarn):
     src = make_people(tmp_path / "crops", {"a": 3, "b": 2})                  # 12 x 6 = 72 pixels each

@@ -276,6 +276,32 @@ def test_ctrl_c_in_the_first_epoch_offers_the_way_out_that_works(tiny_data, tmp_
     assert not (run / "interrupted.pt").exists() and load_checkpoint(run / "last.pt")["epoch"] == 1
 
 
+def test_ctrl_c_during_the_first_plot_import_is_an_interrupt_not_a_traceback(tiny_data, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Seen in a full suite: SIGINT right after epoch 1's last.pt landed while matplotlib's C
+    extension initialised (its first import, in plot_history) and came out as ImportError."""
+    args = flags(tiny_data, tmp_path, "run", "--epochs", "2")
+
+    def import_cut_by_ctrl_c(history, path):
+        raise ImportError("initialization failed") from KeyboardInterrupt()
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "plot_history", import_cut_by_ctrl_c)
+        assert train.main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted:" in err and "plus --resume" in err and "interrupted.pt" in err
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1 and (run / "interrupted.pt").is_file()
+
+    def disk_full(history, path):       # a real error stays one, with its traceback
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "plot_history", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            train.main([*args, "--resume"])
+
+
 # --------------------------------------------------------------------------- 19: changed training set
 def test_resume_refuses_a_changed_training_set_unless_allowed(tiny_data, run, tmp_path):
     data = tmp_path / "data"

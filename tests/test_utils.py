@@ -4,7 +4,7 @@ import errno
 import pytest
 import torch
 
-from utils import (UserError, atomic_write, atomic_write_text, cli, load_checkpoint, load_features,
+from utils import (UserError, atomic_write, atomic_write_text, cli, interrupt_of, load_checkpoint, load_features,
                    save_checkpoint, save_features, select_device)
 
 
@@ -101,3 +101,20 @@ def test_cli_turns_user_errors_into_exit_2(capsys):
     assert cli(main)() == 2
     assert capsys.readouterr().err == "error: data/x: not found\n"
     assert cli(lambda: None)() == 0
+
+
+def test_interrupt_of_follows_causes_not_contexts():
+    kb = KeyboardInterrupt()
+    assert interrupt_of(kb) is kb
+    try:
+        raise ImportError("initialization failed") from kb
+    except ImportError as exc:
+        assert interrupt_of(exc) is kb
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OSError("disk full while saving")      # context only: a real error
+    except OSError as exc:
+        assert interrupt_of(exc) is None
+    assert interrupt_of(ValueError("x")) is None
