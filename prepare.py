@@ -342,12 +342,9 @@ def main(argv=None) -> int:
                                "partial_ilids", "occlude", "partial")), None)
     before = _folder_id(out) if out else None
     try:
-        with _signals_interrupt():
+        with _signals_interrupt(), utils.plain_interrupts():
             return _run(args)
-    except BaseException as caught:
-        exc = utils.interrupt_of(caught)
-        if exc is None:
-            raise
+    except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         if out is None:

@@ -29,8 +29,8 @@ import datasets
 from losses import awpcn_loss
 from model import BACKBONES, HEADS, MODEL_KEYS, RUN_KEYS, WEIGHTINGS, AWPCN, build_model, installed_mobilenet_v2_weights
 from utils import (DEFAULT_RUN, FEATURES_FILE, RUN_LOCK, TEMP_NAME, UserError, cli, get_logger, close_logger,
-                   interrupt_of, load_checkpoint, lock_run, progress, remove_stale_temp_files, save_checkpoint, save_figure,
-                   save_yaml, load_yaml, select_device)
+                   load_checkpoint, lock_run, progress, plain_interrupts, remove_stale_temp_files, save_checkpoint,
+                   save_figure, save_yaml, load_yaml, select_device)
 
 # Paper-like defaults live in the parser; a preset only changes what it names, and any flag
 # given on the command line wins over the preset.
@@ -652,27 +652,25 @@ def _fit(loop: _Loop, last_epoch: int) -> dict:
     opts, model, device, history, run_dir = loop.opts, loop.model, loop.device, loop.history, loop.run_dir
     main_proc = loop.rank == 0
     try:
-        for epoch in range(loop.epoch, last_epoch):
-            record = _train_epoch(loop, epoch)
-            if loop.probe is not None:
-                record["vis_mae"] = visibility_error(model, loop.probe, device, opts["channels_last"])
-            if loop.region_probe is not None:
-                record["region_mae"] = region_error(model, loop.region_probe, device, opts["channels_last"])
-            history.append(record)
-            if main_proc:
-                _end_epoch(loop, epoch, record)
-    except BaseException as exc:
-        interrupt = interrupt_of(exc)
-        if interrupt is None:
-            raise
+        with plain_interrupts():  # a Ctrl-C inside a first import arrives as ImportError
+            for epoch in range(loop.epoch, last_epoch):
+                record = _train_epoch(loop, epoch)
+                if loop.probe is not None:
+                    record["vis_mae"] = visibility_error(model, loop.probe, device, opts["channels_last"])
+                if loop.region_probe is not None:
+                    record["region_mae"] = region_error(model, loop.region_probe, device, opts["channels_last"])
+                history.append(record)
+                if main_proc:
+                    _end_epoch(loop, epoch, record)
+    except KeyboardInterrupt as exc:
         if main_proc:
             # Mid-epoch weights for inspection (test.py --which interrupted); exact resumption
             # restarts the interrupted epoch from last.pt.
             save_checkpoint({"epoch": loop.epoch, "iteration": loop.iteration,  # completed + partial
                              "model": model.state_dict(), "opts": opts, "train_pids": loop.data.train_pids,
                              "history": history}, run_dir / "interrupted.pt")
-            interrupt.saved_to = run_dir / "interrupted.pt"  # for main()'s message: saved by this run
-        raise interrupt from None
+            exc.saved_to = run_dir / "interrupted.pt"  # for main()'s message: saved by this run
+        raise
     if main_proc and last_epoch == opts["epochs"]:
         loop.log.info(f"done: {run_dir}  (evaluate with: python test.py --name {opts['name']}"
                  f"{'' if opts['runs_dir'] == 'model' else ' --runs_dir ' + opts['runs_dir']})")
@@ -920,11 +918,9 @@ def _end_epoch(loop: _Loop, epoch: int, record: dict) -> None:
 def main(argv=None) -> int:
     opts = parse_opts(argv)
     try:
-        train(opts)
-    except BaseException as caught:
-        exc = interrupt_of(caught)
-        if exc is None:
-            raise
+        with plain_interrupts():
+            train(opts)
+    except KeyboardInterrupt as exc:
         run_dir = Path(opts["runs_dir"]) / opts["name"]
         saved = getattr(exc, "saved_to", None)
         if (run_dir / "last.pt").is_file():

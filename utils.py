@@ -74,6 +74,19 @@ def interrupt_of(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+@contextlib.contextmanager
+def plain_interrupts():
+    """Re-raise a Ctrl-C that surfaced as another exception (see :func:`interrupt_of`) as the
+    KeyboardInterrupt itself, so that ``except KeyboardInterrupt`` handlers see every Ctrl-C."""
+    try:
+        yield
+    except BaseException as exc:
+        interrupt = interrupt_of(exc)
+        if interrupt is None or interrupt is exc:
+            raise
+        raise interrupt from None
+
+
 def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", show: bool | None = None):
     """A tqdm progress bar with the settings every tool shares: ``show=None`` shows it on a
     terminal only (logs and CI get the tools' summary lines instead), True/False force it; it

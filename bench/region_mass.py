@@ -71,7 +71,7 @@ def rule_features(feats: dict, rules: list[str], parts: int) -> dict:
     """The features dict with (N, R*P) weights -> {rule: the features dict with that rule's weights}."""
     out = {}
     for i, rule in enumerate(rules):
-        out[rule] = {k: v for k, v in feats.items()}
+        out[rule] = dict(feats)
         for split in ("query", "gallery"):
             out[rule][split] = {**feats[split], "weights": feats[split]["weights"][:, i * parts:(i + 1) * parts]}
     return out

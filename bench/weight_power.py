@@ -52,8 +52,8 @@ def measure(feats: dict, truth: dict, power: float) -> dict:
             "outside_view": accuracy.view_weight_summary(f, truth)["outside_view"]}
 
 
-def _line(split: str, run: str, row: dict) -> str:
-    return (f"{split} {run} power {row['power']:g}: all {100 * row['all_mAP']:.1f} partial "
+def _line(split: str, run: str, power: float, row: dict) -> str:
+    return (f"{split} {run} power {power:g}: all {100 * row['all_mAP']:.1f} partial "
             f"{100 * row['partial_mAP']:.1f} whole {100 * row['whole_mAP']:.1f} mAP, weight x P outside the view "
             f"{row['outside_view']:.3f}")
 
@@ -107,8 +107,7 @@ def run(args) -> dict:
     def measure_run(r: Path, data_dir: str, truth: dict, powers: list) -> dict:
         f = accuracy._test_features(r.name, r.parent, args.workers, data_dir)
         return {p: measure(f, truth, p) for p in powers}
-    return validate_then_test(args, args.powers, 1.0, measure_run,
-                              lambda split, run, p, row: _line(split, run, row), prefer=lambda p: -abs(p - 1))
+    return validate_then_test(args, args.powers, 1.0, measure_run, _line, prefer=lambda p: -abs(p - 1))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from utils import (UserError, atomic_write, atomic_write_text, cli, interrupt_of, load_checkpoint, load_features,
-                   save_checkpoint, save_features, select_device)
+                   plain_interrupts, save_checkpoint, save_features, select_device)
 
 
 class _RunsCode:
@@ -118,3 +118,14 @@ def test_interrupt_of_follows_causes_not_contexts():
     except OSError as exc:
         assert interrupt_of(exc) is None
     assert interrupt_of(ValueError("x")) is None
+
+
+def test_plain_interrupts_reraises_the_ctrl_c_behind_an_import_error():
+    kb = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with plain_interrupts():
+            raise ImportError("initialization failed") from kb
+    assert caught.value is kb
+    with pytest.raises(OSError):
+        with plain_interrupts():
+            raise OSError("a real error")
