@@ -41,7 +41,6 @@ meta.json locally; the run's identity is also a property of the collection.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -57,7 +56,7 @@ import numpy as np
 import torch
 
 import evaluate
-from utils import UserError, atomic_write, atomic_write_text, progress, remove_stale_temp_files
+from utils import LockHeld, UserError, atomic_write, atomic_write_text, lock_file, progress, remove_stale_temp_files
 
 FORMAT = 1
 META = "meta.json"
@@ -793,26 +792,16 @@ def _remove_ours(folder: Path) -> None:
 
 
 def _lock(folder: Path):
-    """An exclusive flock on folder/.index.lock held until the returned file is closed."""
-    import fcntl
-
+    """An exclusive lock on folder/.index.lock (:func:`utils.lock_file`) held until the returned
+    file is closed."""
     folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / LOCK, "a+", encoding="utf-8")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_file(folder / LOCK)
+    except LockHeld as held:
+        raise UserError(f"{folder}: the index is being changed by process {held.holder}; wait for it to finish "
+                        "(searching it needs no wait)") from None
     except OSError as exc:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise UserError(f"{folder}: the index is being changed by process {holder}; wait for it to finish "
-                            "(searching it needs no wait)") from None
         raise UserError(f"{folder}: cannot lock the index ({exc.strerror}); put it on a file system with locks") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
 
 
 def _read_json(path: Path, default):

@@ -398,20 +398,25 @@ def load_yaml(path: str | os.PathLike) -> dict:
 RUN_LOCK = ".train.lock"
 
 
-def lock_run(run_dir: str | os.PathLike, log: Callable[[str], None] = print):
-    """Hold ``run_dir`` for writing until the returned file is closed or this process ends.
+class LockHeld(Exception):
+    """Another process holds the lock; ``holder`` is the PID it wrote (or a placeholder)."""
 
-    An flock on ``RUN_LOCK`` inside the folder: the kernel drops it with the holder's last
-    descriptor, so a killed trainer never leaves the run locked. A second writer gets a
-    UserError naming the run and the holder's PID; readers (test.py) do not lock. Returns
-    None, after saying so, where the platform or file system has no locks.
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def lock_file(path: str | os.PathLike):
+    """Take an exclusive, non-blocking flock on ``path`` (created if missing) and write this
+    process's PID into it, for the message the next process gets. Returns the open file: the
+    lock lasts until it is closed or this process ends (the kernel drops it with the last
+    descriptor, so a killed holder never leaves it taken).
+
+    Raises LockHeld(holder PID) while another process holds it, OSError where the file system
+    refuses locks, ImportError where the platform has none (Windows).
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        log(f"note: no file locks on this platform; nothing stops a second training of {run_dir}")
-        return None
-    path = Path(run_dir) / RUN_LOCK
+    import fcntl
+
     f = open(path, "a+", encoding="utf-8")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -420,17 +425,34 @@ def lock_run(run_dir: str | os.PathLike, log: Callable[[str], None] = print):
         holder = f.read().strip() or "(PID not yet written)"
         f.close()
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise UserError(f"{run_dir} is being trained by process {holder} (it holds {path}); wait for it "
-                            "to end or stop it, or train under another --name") from None
-        log(f"note: {path}: the file system refuses locks ({exc.strerror}); nothing stops a second "
-            f"training of {run_dir}")
-        return None
-    # The holder's PID, for the message a second writer gets.
+            raise LockHeld(holder) from None
+        raise
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def lock_run(run_dir: str | os.PathLike, log: Callable[[str], None] = print):
+    """Hold ``run_dir`` for writing until the returned file is closed or this process ends.
+
+    A :func:`lock_file` on ``RUN_LOCK`` inside the folder. A second writer gets a UserError
+    naming the run and the holder's PID; readers (test.py) do not lock. Returns None, after
+    saying so, where the platform or file system has no locks.
+    """
+    path = Path(run_dir) / RUN_LOCK
+    try:
+        return lock_file(path)
+    except ImportError:
+        log(f"note: no file locks on this platform; nothing stops a second training of {run_dir}")
+    except LockHeld as held:
+        raise UserError(f"{run_dir} is being trained by process {held.holder} (it holds {path}); wait for it "
+                        "to end or stop it, or train under another --name") from None
+    except OSError as exc:
+        log(f"note: {path}: the file system refuses locks ({exc.strerror}); nothing stops a second "
+            f"training of {run_dir}")
+    return None
 
 
 # --------------------------------------------------------------------------- checkpoints
