@@ -112,16 +112,10 @@ def run(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--runs", nargs="+", required=True, help="finished run folders (--head region)")
-    ap.add_argument("--val_partial", required=True, help="prepare.py --partial --val_ids benchmark: where the rule is chosen")
-    ap.add_argument("--partial", default=None, help="the test benchmark (prepare.py --partial), touched at the chosen rule")
+    ap = weight_power.protocol_parser(__doc__, "--head region", "mass rule")
     ap.add_argument("--sharpen", type=float, nargs="*", default=[0.5, 0.25],
                     help="membership temperature factors s < 1 to try (argmax is the limit s -> 0)")
-    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--json", default="", help="where to write every figure ('': nowhere)")
     return ap
 
 

@@ -110,15 +110,24 @@ def run(args) -> dict:
     return validate_then_test(args, args.powers, 1.0, measure_run, _line, prefer=lambda p: -abs(p - 1))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def protocol_parser(doc: str, runs: str, choice: str) -> argparse.ArgumentParser:
+    """The arguments of :func:`validate_then_test` (this script, region_mass.py): ``runs``
+    says which runs fit, ``choice`` what validation chooses."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--runs", nargs="+", required=True, help="finished run folders (adaptive weights)")
-    ap.add_argument("--val_partial", required=True, help="prepare.py --partial --val_ids benchmark: where g is chosen")
-    ap.add_argument("--partial", default=None, help="the test benchmark (prepare.py --partial), touched at the chosen g")
-    ap.add_argument("--powers", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    ap.add_argument("--runs", nargs="+", required=True, help=f"finished run folders ({runs})")
+    ap.add_argument("--val_partial", required=True,
+                    help=f"prepare.py --partial --val_ids benchmark: where the {choice} is chosen")
+    ap.add_argument("--partial", default=None,
+                    help=f"the test benchmark (prepare.py --partial), touched at the chosen {choice}")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--json", default="", help="where to write every figure ('': nowhere)")
+    return ap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = protocol_parser(__doc__, "adaptive weights", "power g")
+    ap.add_argument("--powers", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
     return ap
 
 
