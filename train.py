@@ -725,16 +725,24 @@ def region_probe(val: datasets.ReIDData, opts: dict, n: int = 256):
     """Up to ``n`` validation images, each cut to a partial view (top, bottom or side part
     keeping 40-100 %), with their per-pixel visibility and each row's place in the original
     body: (images, vis, rows); the same every epoch and on resume (own fixed seed)."""
-    items = (val.query + val.gallery)[:: max(1, len(val.query + val.gallery) // n)][:n]
     t = datasets.build_transforms(opts["height"], opts["width"], train=True, pad=0, flip=False, erasing_prob=0.0,
                                   partial_prob=1.0, partial_min=0.4, body_rows=True)
+    triples = _probe_samples(val, n, t, seed=54321)
+    return tuple(torch.stack([tr[i] for tr in triples]) for i in range(3))
+
+
+def _probe_samples(val: datasets.ReIDData, n: int, transform, seed: int) -> list:
+    """``transform(image, pid)`` of up to ``n`` validation images spread over query and
+    gallery, under the probe's own seed (the global torch RNG state is restored after), so a
+    probe is the same every epoch and on resume."""
+    everyone = val.query + val.gallery
+    items = everyone[:: max(1, len(everyone) // n)][:n]
     state = torch.random.get_rng_state()
-    torch.manual_seed(54321)
+    torch.manual_seed(seed)
     try:
-        triples = [t(datasets.load_image(p), pid) for p, pid, _ in items]
+        return [transform(datasets.load_image(p), pid) for p, pid, _ in items]
     finally:
         torch.random.set_rng_state(state)
-    return tuple(torch.stack([tr[i] for tr in triples]) for i in range(3))
 
 
 @torch.no_grad()
@@ -768,16 +776,10 @@ def visibility_probe(val: datasets.ReIDData, opts: dict, n: int = 256) -> tuple[
     """Up to ``n`` validation images, each with a real-image patch occluder cut from another
     validation identity (none of them trained on), and their exact per-pixel visibility; the
     same every epoch and on resume (own fixed seed, global RNG state restored)."""
-    items = (val.query + val.gallery)[:: max(1, len(val.query + val.gallery) // n)][:n]
     bank = [(p, pid) for p, pid, _ in val.query + val.gallery]
     t = datasets.build_transforms(opts["height"], opts["width"], train=True, pad=0, flip=False, erasing_prob=0.0,
                                   occlude_prob=1.0, occluder="patch", occluder_bank=bank)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(12345)
-    try:
-        pairs = [t(datasets.load_image(p), pid) for p, pid, _ in items]
-    finally:
-        torch.random.set_rng_state(state)
+    pairs = _probe_samples(val, n, t, seed=12345)
     return torch.stack([x for x, _ in pairs]), torch.stack([v for _, v in pairs])
 
 
