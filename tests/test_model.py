@@ -1,5 +1,4 @@
 """model.py and losses.py: shapes, weights, gradients, backbones, weights loading."""
-import urllib.error
 
 import pytest
 import torch
@@ -255,15 +254,8 @@ def test_resnet50_last_stride_one_gives_24x8_map():
     assert channels == 2048 and fmap.shape == (1, 2048, 24, 8)
 
 
-def test_offline_imagenet_weights_message(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def offline(*a, **k):
-        raise urllib.error.URLError("Temporary failure in name resolution")
-
-    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict",
-                        offline, raising=False)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+def test_offline_imagenet_weights_message(offline_weights):
+    tmp_path = offline_weights
     with pytest.raises(UserError) as err:
         build_trunk("resnet18", "imagenet")
     msg = str(err.value)
