@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 import evaluate
-from utils import LockHeld, UserError, atomic_write, atomic_write_text, lock_file, progress, remove_stale_temp_files
+from utils import LockHeld, LocksUnsupported, UserError, atomic_write, atomic_write_text, lock_file, progress, remove_stale_temp_files
 
 FORMAT = 1
 META = "meta.json"
@@ -800,8 +800,8 @@ def _lock(folder: Path):
     except LockHeld as held:
         raise UserError(f"{folder}: the index is being changed by process {held.holder}; wait for it to finish "
                         "(searching it needs no wait)") from None
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot lock the index ({exc.strerror}); put it on a file system with locks") from None
+    except LocksUnsupported as exc:
+        raise UserError(f"{folder}: cannot lock the index ({exc}); put it on a file system with locks") from None
 
 
 def _read_json(path: Path, default):

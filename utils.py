@@ -406,14 +406,19 @@ class LockHeld(Exception):
         self.holder = holder
 
 
+class LocksUnsupported(Exception):
+    """The file system refuses flock; the text is its reason."""
+
+
 def lock_file(path: str | os.PathLike):
     """Take an exclusive, non-blocking flock on ``path`` (created if missing) and write this
     process's PID into it, for the message the next process gets. Returns the open file: the
     lock lasts until it is closed or this process ends (the kernel drops it with the last
     descriptor, so a killed holder never leaves it taken).
 
-    Raises LockHeld(holder PID) while another process holds it, OSError where the file system
-    refuses locks, ImportError where the platform has none (Windows).
+    Raises LockHeld(holder PID) while another process holds it, LocksUnsupported where the file
+    system refuses locks, ImportError where the platform has none (Windows); an OSError from
+    opening the file (no such folder, no permission) passes through as it is.
     """
     import fcntl
 
@@ -426,7 +431,7 @@ def lock_file(path: str | os.PathLike):
         f.close()
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise LockHeld(holder) from None
-        raise
+        raise LocksUnsupported(exc.strerror) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -449,8 +454,8 @@ def lock_run(run_dir: str | os.PathLike, log: Callable[[str], None] = print):
     except LockHeld as held:
         raise UserError(f"{run_dir} is being trained by process {held.holder} (it holds {path}); wait for it "
                         "to end or stop it, or train under another --name") from None
-    except OSError as exc:
-        log(f"note: {path}: the file system refuses locks ({exc.strerror}); nothing stops a second "
+    except LocksUnsupported as exc:
+        log(f"note: {path}: the file system refuses locks ({exc}); nothing stops a second "
             f"training of {run_dir}")
     return None
 
